@@ -1,0 +1,1610 @@
+#!/usr/bin/env python3
+"""monkeypox.py: tell monkeypox (mpox) skin lesions from other rashes in photos.
+
+Transfer learning from an ImageNet-pretrained torchvision backbone: the backbone stays frozen, each
+photo goes through it once (features are cached on disk), and a new linear head is trained on the
+stored features. A research and teaching tool for datasets of photos: it is not a diagnosis.
+
+    python monkeypox.py                     # train on ./monkeypoxdata, then predict TEST_IMAGE
+    python monkeypox.py train --help        # every constant below is also a flag
+    python monkeypox.py evaluate            # metrics on photos the model never saw
+    python monkeypox.py predict photo.jpg   # one line per photo, and a plot
+"""
+# ------------------------------------------------------------------------------------------------
+# Constants: edit them here, or override any of them with the flag named in its comment.
+IMAGE_PATH = './monkeypoxdata'               # --data: class folders (Monkey Pox/, Others/), or train/ + val/ [+ test/]
+MODEL_PATH = './chk/resnet101-cd907fc2.pth'  # ImageNet weights file for ARCH; used when present (see WEIGHTS)
+SAVE_PATH = './chk/monkeypox_model.pkl'      # --checkpoint: best model; `train --out DIR` writes DIR/monkeypox_model.pkl
+TEST_IMAGE = './monkeypoxdata/test/test.jpg'  # --test-image: predicted and shown at the end of the default run
+ARCH = 'resnet101'          # --arch: any torchvision classification model (resnet18, resnet50, mobilenet_v2, ...)
+WEIGHTS = 'auto'            # --weights: 'auto' (MODEL_PATH if present, else DEFAULT), a torchvision name, a file, or 'none'
+EPOCHS = 10                 # --epochs: passes of the head over the training photos
+LR = 0.001                  # --lr: Adam learning rate of the new head
+BATCH_SIZE = 32             # --batch-size: photos per head training step
+SEED = 0                    # --seed: validation split, head initialisation, shuffling
+VAL_FRACTION = 0.2          # --val-fraction: share of a flat dataset held out, whole patients at a time
+VIEWS = 4                   # --views: random training crops (RandomResizedCrop + flip) stored per photo; an epoch draws one
+PRECISION = 'auto'          # --precision: backbone pass in bf16 where the hardware runs it fast (auto), else fp32
+DEVICE = 'auto'             # --device: cuda when present, else cpu
+WORKERS = -1                # --workers: image decoding processes beside the backbone pass (-1: one per spare core)
+EXTRACT_BATCH_SIZE = 16     # --extract-batch-size: crops per backbone pass (16 was fastest for ResNet101 on 2 cores)
+CACHE_DIR = ''              # --cache: feature cache folder ('' = OUT/cache); --no-cache keeps features in memory only
+POSITIVE_CLASS = 'auto'     # --positive-class: class screened for ('auto': the one named like mpox / monkey pox)
+THRESHOLD = 0.5             # --threshold: a photo is called positive when P(positive class) >= this
+TARGET_SENSITIVITY = 0.0    # --target-sensitivity: if > 0, pick the highest threshold reaching it on validation
+UNFREEZE = 0                # --unfreeze: last backbone stages fine-tuned after the head (0 = frozen backbone)
+FINETUNE_EPOCHS = 10        # --finetune-epochs: epochs of fine-tuning when UNFREEZE > 0
+BACKBONE_LR = 0.0001        # --backbone-lr: learning rate of the unfrozen stages (the head keeps LR)
+FOLDS = 5                   # --folds: folds of `cv`, whole patients at a time
+IMAGE_SIZE = 224            # side of the square crop the backbone sees
+RESIZE = 256                # evaluation resizes the short side to this, then centre-crops IMAGE_SIZE
+MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation the pretrained backbones expect
+STD = (0.229, 0.224, 0.225)
+CHECKPOINT_SECONDS = 5.0    # a better epoch is written at once, but at most this often (head epochs take milliseconds)
+# ------------------------------------------------------------------------------------------------
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import random
+import re
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+CHECKPOINT_FORMAT = 'monkeypox.py checkpoint'
+CHECKPOINT_VERSION = 1
+CLASS_MAP_NAME = 'class_dict.pk'
+RESUME_NAME = 'resume.pt'
+EVAL_VIEW = 'eval'
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp',
+                    '.ppm', '.pgm', '.heic', '.heif', '.avif')  # .heic and friends are reported, not silently ignored
+DATASET_URL = 'https://github.com/ShamsNafisaAli/Monkeypox-Skin-Lesion-Dataset'
+NOT_A_DIAGNOSIS = 'Research tool, not a diagnosis: a photo classifier cannot replace a clinician or a PCR test.'
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated download is an error, never a half-grey photo
+
+
+class UserError(Exception):
+    """Bad input or usage: reported in one line, exit code 2, no traceback."""
+
+
+def say(*args, **kwargs):
+    """Progress and reports: stdout, or stderr while stdout carries --json output."""
+    print(*args, **kwargs, file=sys.stderr if say.to_stderr else sys.stdout, flush=True)
+
+
+say.to_stderr = False
+
+
+def warn(message):
+    print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
+def sha256_file(path, memo=None):
+    """sha256 of a file's bytes; `memo` (dict) skips re-reading files whose size and mtime are unchanged."""
+    st = os.stat(path)
+    stamp = [st.st_size, st.st_mtime_ns]
+    key = os.path.abspath(path)
+    if memo is not None and memo.get(key, [None])[:2] == stamp:
+        return memo[key][2]
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    if memo is not None:
+        memo[key] = stamp + [h.hexdigest()]
+    return h.hexdigest()
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`: readers see
+    the old file or the new one, never half of one, and a failed or interrupted write leaves no trace."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    except OSError as e:
+        raise UserError(f'cannot write {path}: {e.strerror or e}; choose a writable folder (--out)') from e
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f'cannot write {path}: {e.strerror or e}; the previous file, if any, is unchanged. '
+                        'Free some disk space or choose another folder (--out)') from e
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+@dataclasses.dataclass
+class Photo:
+    path: str    # file on disk
+    label: int   # index into the class list
+    sha: str     # sha256 of the bytes: the photo's identity in the feature cache and the split
+
+
+@dataclasses.dataclass
+class Split:
+    root: str                 # the --data folder
+    classes: list             # class names in index order (ImageFolder order: sorted folder names)
+    train: list               # Photos
+    val: list                 # Photos (may be empty)
+    how: str                  # 'folders' (DIR/train + DIR/val) or 'grouped' (split here by patient)
+    skipped: list = dataclasses.field(default_factory=list)  # [path, reason] of unreadable images
+
+
+def is_hidden(name):
+    return name.startswith('.') or name in ('Thumbs.db', 'desktop.ini', '__MACOSX')
+
+
+def is_image_file(path):
+    name = os.path.basename(path)
+    return not is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+class PhotoFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder that skips hidden folders (.git, .ipynb_checkpoints, __MACOSX) and
+    hidden or non-image files (.DS_Store, README), and keeps empty class folders for a clear error."""
+
+    def __init__(self, root):
+        super().__init__(root, loader=load_rgb, is_valid_file=is_image_file, allow_empty=True)
+
+    def find_classes(self, directory):
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not is_hidden(e.name))
+        if not classes:
+            raise UserError(f'{directory} has no class folders. {LAYOUT_HELP}')
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
+LAYOUT_HELP = ('Expected one folder per class, e.g. monkeypoxdata/Monkey Pox/*.jpg and monkeypoxdata/Others/*.jpg '
+               '(or train/ and val/ folders each laid out so). Get the public Monkeypox Skin Lesion Dataset with '
+               f'`python monkeypox.py download` ({DATASET_URL}, CC BY-NC).')
+
+
+def scan_folder(root):
+    """(classes, [(path, label)]) of an ImageFolder-style folder, with one clear error per bad layout."""
+    if not os.path.isdir(root):
+        what = 'is not a folder' if os.path.exists(root) else 'does not exist'
+        raise UserError(f'data folder {root} {what}. {LAYOUT_HELP}')
+    folder = PhotoFolder(root)
+    counts = [0] * len(folder.classes)
+    for _, label in folder.samples:
+        counts[label] += 1
+    empty = [c for c, n in zip(folder.classes, counts) if n == 0]
+    if empty:
+        raise UserError(f'class folder {os.path.join(root, empty[0])} holds no images '
+                        f'({", ".join(IMAGE_EXTENSIONS[:6])}, ...). Add photos or remove the folder.')
+    return folder.classes, folder.samples
+
+
+def load_rgb(path, draft=None):
+    """Open an image file as a person would see it: EXIF rotation applied, any mode made 8-bit RGB.
+    `draft` (pixels) lets JPEG decode at a reduced scale no smaller than that, which is much faster
+    for phone photos. Raises on anything unreadable; callers turn that into a per-file message."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', Image.DecompressionBombWarning)  # refuse images past Pillow's limit
+        with Image.open(path) as im:
+            if draft and im.format == 'JPEG':
+                im.draft('RGB', (draft, draft))
+            im = ImageOps.exif_transpose(im)
+            im.load()
+            return to_rgb(im)
+
+
+def to_rgb(im):
+    """Any Pillow mode to RGB: 16-bit grey is scaled (not clipped to white), transparency goes on white."""
+    if im.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F'):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith('I;16') or a.max(initial=0) > 255 else 255.0
+        if im.mode == 'F' and a.max(initial=0) <= 1.0:
+            top = 1.0
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), 'L')
+    if im.mode == 'P' and 'transparency' in im.info:
+        im = im.convert('RGBA')
+    if im.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
+        rgba = im.convert('RGBA')
+        white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert('RGB')
+    return im.convert('RGB')
+
+
+def describe_image_error(path, e):
+    """One line naming the file, what is wrong and the fix."""
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f'{path}: image too large ({e}); downscale it below {Image.MAX_IMAGE_PIXELS} pixels'
+    if isinstance(e, UnidentifiedImageError) or (isinstance(e, OSError) and 'cannot identify' in str(e)):
+        ext = os.path.splitext(path)[1].lower()
+        if os.path.getsize(path) == 0:
+            return f'{path}: empty file (0 bytes); copy the photo again'
+        if ext in ('.heic', '.heif', '.avif'):
+            return f'{path}: {ext[1:].upper()} is not readable here; convert it to JPEG or PNG'
+        return f'{path}: not an image Pillow can read; remove it or convert it to JPEG or PNG'
+    if isinstance(e, FileNotFoundError):
+        return f'{path}: file disappeared while reading'
+    reason = str(e).strip() or type(e).__name__
+    return f'{path}: unreadable image ({reason}); the file is damaged or truncated, copy it again'
+
+
+def group_key(path):
+    """Patient of a photo: its class folder and file stem without a trailing _<digits> (P13_1, P13_2 -> P13)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.basename(os.path.dirname(path)), re.sub(r'_\d+$', '', stem)
+
+
+def patient_groups(photos):
+    """Group id per photo: same group key, or byte-identical files of one class (a duplicate under two
+    names is still one photo and must not straddle a split)."""
+    parent = list(range(len(photos)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first = {}
+    for i, p in enumerate(photos):
+        for key in (('name',) + group_key(p.path), ('bytes', p.label, p.sha)):
+            j = first.setdefault(key, i)
+            parent[find(i)] = find(j)
+    return [find(i) for i in range(len(photos))]
+
+
+def grouped_folds(photos, folds, seed):
+    """Stratified folds that keep each patient's photos together: per class, patients (largest first,
+    ties in seeded random order) go to the fold holding fewest photos of that class."""
+    rng = random.Random(seed)
+    groups = patient_groups(photos)
+    fold_of = [0] * len(photos)
+    for label in sorted({p.label for p in photos}):
+        members = {}
+        for i, p in enumerate(photos):
+            if p.label == label:
+                members.setdefault(groups[i], []).append(i)
+        order = list(members.values())
+        rng.shuffle(order)
+        order.sort(key=len, reverse=True)  # stable: equal sizes keep the shuffled order
+        load = [0] * folds
+        for idx in order:
+            f = min(range(folds), key=lambda k: (load[k], k))
+            load[f] += len(idx)
+            for i in idx:
+                fold_of[i] = f
+    return fold_of
+
+
+def grouped_split(photos, val_fraction, seed):
+    """(train, val): per class, whole patients in seeded random order go to validation until it holds
+    val_fraction of that class's photos."""
+    rng = random.Random(seed)
+    groups = patient_groups(photos)
+    in_val = [False] * len(photos)
+    for label in sorted({p.label for p in photos}):
+        members = {}
+        for i, p in enumerate(photos):
+            if p.label == label:
+                members.setdefault(groups[i], []).append(i)
+        order = list(members.values())
+        rng.shuffle(order)
+        target = round(val_fraction * sum(map(len, order)))
+        taken = 0
+        for idx in order[:-1]:  # the last patient always stays in train, so train keeps every class
+            if taken >= target:
+                break
+            taken += len(idx)
+            for i in idx:
+                in_val[i] = True
+    return ([p for p, v in zip(photos, in_val) if not v], [p for p, v in zip(photos, in_val) if v])
+
+
+def read_photos(root, classes=None, memo=None):
+    """Photos of an ImageFolder-style folder; with `classes`, its class names must be among them."""
+    found, samples = scan_folder(root)
+    if classes is None:
+        classes = found
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise UserError(f'{os.path.join(root, unknown[0])}: class {unknown[0]!r} is not one of the model\'s '
+                        f'classes {classes}; rename the folder or remove it')
+    photos = []
+    for path, label in samples:
+        try:
+            sha = sha256_file(path, memo)
+        except OSError as e:
+            raise UserError(f'{path}: cannot read ({e.strerror or e}); check its permissions') from e
+        photos.append(Photo(path, classes.index(found[label]), sha))
+    return classes, photos
+
+
+def load_split(data, val_fraction, seed, memo=None):
+    """The training and validation photos of --data: DIR/train and DIR/val when DIR/train exists,
+    else DIR's class folders split here by patient."""
+    if os.path.isdir(os.path.join(data, 'train')):
+        classes, train = read_photos(os.path.join(data, 'train'), memo=memo)
+        val = []
+        if os.path.isdir(os.path.join(data, 'val')):
+            _, val = read_photos(os.path.join(data, 'val'), classes, memo)
+        split = Split(data, classes, train, val, 'folders')
+    else:
+        classes, photos = read_photos(data, memo=memo)
+        train, val = grouped_split(photos, val_fraction, seed)
+        split = Split(data, classes, train, val, 'grouped')
+    if len(split.classes) < 2:
+        raise UserError(f'{data} has only one class folder ({split.classes[0]!r}); a classifier needs at least '
+                        f'two. {LAYOUT_HELP}')
+    return split
+
+
+def drop_unreadable(split, failures):
+    """Remove photos that could not be decoded; a class left without training photos is an error."""
+    bad = {path for path, _ in failures}
+    if not bad:
+        return split
+    for path, reason in failures:
+        if [path, reason] not in split.skipped:
+            split.skipped.append([path, reason])
+    split.train = [p for p in split.train if p.path not in bad]
+    split.val = [p for p in split.val if p.path not in bad]
+    for label, name in enumerate(split.classes):
+        if not any(p.label == label for p in split.train):
+            raise UserError(f'class {name!r} has no readable training photos left '
+                            f'({len(bad)} unreadable files skipped); add readable photos to it')
+    return split
+
+
+def print_split(split, note=''):
+    counts = lambda photos, k: sum(p.label == k for p in photos)  # noqa: E731
+    how = {'folders': 'train/ and val/ folders',
+           'grouped': 'split by patient'}[split.how]
+    say(f'data: {split.root} ({how}{note}): {len(split.train)} training, {len(split.val)} validation photos')
+    width = max(len(c) for c in split.classes)
+    say(f'  {"class":<{width}}  train    val')
+    for k, c in enumerate(split.classes):
+        say(f'  {c:<{width}}  {counts(split.train, k):5d}  {counts(split.val, k):5d}')
+
+
+def eval_transform():
+    return T.Compose([T.Resize(RESIZE), T.CenterCrop(IMAGE_SIZE), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def train_transform():
+    return T.Compose([T.RandomResizedCrop(IMAGE_SIZE), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(MEAN, STD)])
+
+
+def view_seed(sha, view):
+    """Seed of one random view of one photo: fixed by the photo's bytes and the view's name, so a view is
+    the same crop in every run, process and rank, and cached features stay valid across --seed."""
+    return int(hashlib.sha256(f'{sha}:{view}'.encode()).hexdigest()[:15], 16)
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Item i: photo i decoded once and cut into the views asked for ('eval', or a named random view).
+    Unreadable photos come back as an error line instead of raising, so one bad file skips one photo."""
+
+    def __init__(self, photos, views):
+        self.photos, self.views = photos, views
+        self.eval_tf, self.train_tf = eval_transform(), train_transform()
+
+    def __len__(self):
+        return len(self.photos)
+
+    def __getitem__(self, i):
+        photo, views = self.photos[i], self.views[i]
+        try:
+            img = load_rgb(photo.path, draft=RESIZE if views == [EVAL_VIEW] else 2 * RESIZE)
+        except Exception as e:  # any decoder failure on untrusted bytes means: skip this photo, say why
+            return i, None, describe_image_error(photo.path, e)
+        crops = []
+        for view in views:
+            if view == EVAL_VIEW:
+                crops.append(self.eval_tf(img))
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(view_seed(photo.sha, view))
+                    crops.append(self.train_tf(img))
+        return i, torch.stack(crops), None
+
+
+def collate_views(batch):
+    return batch  # variable numbers of views per photo: the consumer concatenates
+
+
+def default_workers():
+    return max(0, min(4, (os.cpu_count() or 1) - 1)) if WORKERS < 0 else WORKERS
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+
+def head_name(model):
+    """Name of the classifier layer: the model's last nn.Linear (fc, classifier.1, heads.head, ...)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise UserError(f'{type(model).__name__} has no linear classifier layer to replace; choose another --arch')
+    return names[-1]
+
+
+@contextlib.contextmanager
+def without_head(model):
+    """The model with its head swapped for Identity: its output is then the features the head reads."""
+    name = head_name(model)
+    head = model.get_submodule(name)
+    model.set_submodule(name, nn.Identity())
+    try:
+        yield model
+    finally:
+        model.set_submodule(name, head)
+
+
+def construct(arch, meta):
+    """torchvision's `arch`, parameters on the meta device (no memory, no init) when `meta`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # googlenet/inception init notices
+        if meta:
+            try:
+                with torch.device('meta'):
+                    return torchvision.models.get_model(arch, weights=None)
+            except Exception:  # some builders compute on tensors (regnet): build for real
+                pass
+        return torchvision.models.get_model(arch, weights=None)
+
+
+def build_model(arch, num_classes, state=None, load_head=False, seed=SEED):
+    """torchvision's `arch` with its classifier replaced by a new Linear(features, num_classes).
+    `state`: a state_dict for this arch; its head is loaded only with `load_head` (a checkpoint of
+    ours), otherwise the head is freshly initialised from `seed` (ImageNet weights have 1000 outputs)."""
+    torch.manual_seed(seed)
+    model = construct(arch, meta=state is not None)
+    name = head_name(model)
+    old = model.get_submodule(name)
+    torch.manual_seed(seed)
+    model.set_submodule(name, nn.Linear(old.in_features, num_classes))
+    if state is None:
+        return model.eval()
+    head_keys = {f'{name}.weight', f'{name}.bias'}
+    if not load_head:
+        state = {k: v for k, v in state.items() if k not in head_keys}
+    missing, unexpected = load_state(model, state, strict_head=load_head)
+    allowed_missing = set() if load_head else head_keys
+    missing = [k for k in missing if k not in allowed_missing]
+    if missing or unexpected:
+        raise WeightsMismatch(arch, missing, unexpected)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        fresh = construct(arch, meta=False)  # a buffer the state_dict does not carry: build for real
+        fresh.set_submodule(name, model.get_submodule(name))
+        fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not v.is_meta}, strict=False)
+        model = fresh
+    return model.eval()
+
+
+class WeightsMismatch(Exception):
+    def __init__(self, arch, missing, unexpected):
+        self.arch, self.missing, self.unexpected = arch, missing, unexpected
+        parts = []
+        if missing:
+            parts.append(f'{len(missing)} tensors missing (e.g. {missing[0]})')
+        if unexpected:
+            parts.append(f'{len(unexpected)} unexpected (e.g. {unexpected[0]})')
+        super().__init__(f'do not fit {arch}: ' + ', '.join(parts))
+
+
+def load_state(model, state, strict_head):
+    """load_state_dict with assign (no copy: the tensors may be memory-mapped from the file), turning
+    shape mismatches into a WeightsMismatch that names the tensor."""
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        k = bad[0]
+        raise WeightsMismatch(f'{type(model).__name__} ({k} is {tuple(state[k].shape)} in the file, '
+                              f'{tuple(own[k].shape)} in the model)', [], [])
+    result = model.load_state_dict(state, strict=False, assign=True)
+    return result.missing_keys, result.unexpected_keys
+
+
+def backbone_stages(model):
+    """The backbone's stages in order, the last ones being the first to unfreeze."""
+    if all(hasattr(model, f'layer{i}') for i in range(1, 5)):
+        return [getattr(model, f'layer{i}') for i in range(1, 5)]  # ResNet, ResNeXt, Wide ResNet
+    features = getattr(model, 'features', None)
+    if isinstance(features, nn.Sequential):
+        return list(features)  # MobileNet, EfficientNet, VGG, DenseNet, ConvNeXt
+    raise UserError(f'--unfreeze supports ResNets and models with a `features` stack (MobileNet, EfficientNet, '
+                    f'ConvNeXt, VGG, DenseNet); not {type(model).__name__}')
+
+
+def freeze(model, unfreeze=0):
+    """Freeze everything but the head and the last `unfreeze` stages, and return the trainable modules.
+    The model stays in eval mode throughout training: BatchNorm uses and keeps its ImageNet statistics."""
+    model.requires_grad_(False)
+    head = model.get_submodule(head_name(model))
+    stages = backbone_stages(model)[-unfreeze:] if unfreeze else []
+    for m in [head] + stages:
+        m.requires_grad_(True)
+    model.eval()
+    return head, stages
+
+
+def trainable_state(model):
+    """Copies (never references) of the tensors that training changes."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def resolve_device(device):
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    return torch.device(device)
+
+
+def resolve_precision(precision, device):
+    if precision != 'auto':
+        return precision
+    if device.type == 'cuda':
+        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
+    fast = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)() or \
+        getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()
+    return 'bf16' if fast else 'fp32'
+
+
+def autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+
+
+@dataclasses.dataclass
+class WeightsSpec:
+    kind: str          # 'file', 'torchvision' or 'none'
+    name: str          # file path, weights enum name (e.g. ResNet101_Weights.IMAGENET1K_V2), or 'none'
+    ident: str         # what identifies the numbers: sha256 of the file, the torchvision file name, or the seed
+    url: str = ''
+
+
+def resolve_weights(arch, weights, seed, memo=None):
+    """What --weights means for `arch`, without loading anything yet."""
+    if weights == 'auto':
+        weights = MODEL_PATH if arch == ARCH and os.path.isfile(MODEL_PATH) else 'DEFAULT'
+    if weights.lower() == 'none':
+        return WeightsSpec('none', 'none', f'random-init:{arch}:seed{seed}:torch{str(torch.__version__)}')
+    if os.path.sep in weights or os.path.exists(weights) or weights.endswith(('.pth', '.pt', '.pkl', '.bin')):
+        if not os.path.isfile(weights):
+            raise UserError(f'weights file {weights} does not exist; pass an existing file, a torchvision weights '
+                            'name (DEFAULT, IMAGENET1K_V1, ...) or --weights none')
+        return WeightsSpec('file', weights, sha256_file(weights, memo))
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+        w = enum[weights] if weights in enum.__members__ else enum.verify(weights)
+    except (KeyError, ValueError, TypeError):
+        names = ', '.join(torchvision.models.get_model_weights(arch).__members__)
+        raise UserError(f'--weights {weights}: not a file, and not a weights name of {arch} ({names}, none)')
+    return WeightsSpec('torchvision', f'{type(w).__name__}.{w.name}', os.path.basename(w.url), w.url)
+
+
+def load_weights(arch, spec):
+    """The state_dict that --weights names (None for random init), loaded without executing code."""
+    if spec.kind == 'none':
+        return None
+    if spec.kind == 'file':
+        state = safe_torch_load(spec.name, what='weights file')
+        if isinstance(state, dict) and state.get('format') == CHECKPOINT_FORMAT:
+            state = state['model']  # start from one of our checkpoints
+        elif isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+            state = state['state_dict']
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise UserError(f'{spec.name} is not a state_dict (name -> tensor) of {arch}; '
+                            'pass the .pth file torchvision publishes for it')
+        return {k.removeprefix('module.'): v for k, v in state.items()}  # DistributedDataParallel prefix
+    file = os.path.join(torch.hub.get_dir(), 'checkpoints', spec.ident)
+    try:
+        return torch.hub.load_state_dict_from_url(spec.url, progress=sys.stderr.isatty(), check_hash=True,
+                                                  weights_only=True, map_location='cpu')
+    except Exception as e:
+        reason = getattr(e, 'reason', None) or str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f'cannot load {spec.name}: {file} is not there and downloading {spec.url} failed '
+                        f'({reason}). Put the file there (or set MODEL_PATH / --weights to a copy of it), '
+                        'or pass --weights none for random weights') from e
+
+
+def safe_torch_load(path, what='checkpoint'):
+    """torch.load that never executes code from the file, with one-line errors for what goes wrong."""
+    if not os.path.exists(path):
+        raise UserError(f'{what} {path} does not exist' + (
+            '; train one with `python monkeypox.py train` or pass --checkpoint FILE' if what == 'checkpoint' else ''))
+    if os.path.isdir(path):
+        raise UserError(f'{what} {path} is a folder; pass the file inside it')
+    if os.path.getsize(path) == 0:
+        raise UserError(f'{what} {path} is empty (0 bytes); copy it again or retrain')
+    try:
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if 'mmap' not in str(e) and 'zip' not in str(e):
+                raise
+            return torch.load(path, map_location='cpu', weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise UserError(f'{what} {path} holds Python objects beyond tensors and plain data, and is refused '
+                        'unloaded (loading it could run code). Use a file written by this tool or by '
+                        'torch.save(model.state_dict())') from e
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'{what} {path} is truncated or corrupt ({first}); copy it again or retrain') from e
+
+
+# ------------------------------------------------------------------------------------------------
+# Features: each photo goes through the frozen backbone once per view; the results are cached on disk
+
+class FeatureCache:
+    """Backbone features keyed by '<photo sha256>:<view>', for one model key (arch, weights, transforms,
+    precision, device type and torch version hashed together). Stored in packs, each written whole
+    (temporary file, then rename) with a digest of its contents: an interrupted write never appears,
+    and a damaged pack is detected, reported, deleted and recomputed, never trusted."""
+
+    def __init__(self, root, key, about):
+        self.dir = Path(root) / key if root else None
+        self.rows = {}
+        self.about = about
+        if self.dir and self.dir.is_dir():
+            for pack in sorted(self.dir.glob('pack-*.pt')):
+                self._read(pack)
+
+    def _read(self, pack):
+        try:
+            data = torch.load(pack, map_location='cpu', weights_only=True)
+            keys, feats = data['keys'], data['features']
+            if data['digest'] != self.digest(keys, feats):
+                raise ValueError('digest mismatch')
+        except Exception as e:
+            warn(f'feature cache {pack} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__});'
+                 ' deleted, its features will be recomputed')
+            with contextlib.suppress(OSError):
+                pack.unlink()
+            return
+        for k, row in zip(keys, feats):
+            self.rows[k] = row
+
+    @staticmethod
+    def digest(keys, feats):
+        h = hashlib.sha256('\n'.join(keys).encode())
+        h.update(str((tuple(feats.shape), str(feats.dtype))).encode())
+        h.update(feats.contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def get(self, key):
+        return self.rows.get(key)
+
+    def put(self, keys, feats):
+        feats = feats.contiguous()
+        for k, row in zip(keys, feats):
+            self.rows[k] = row
+        if self.dir is None or not keys:
+            return
+        if not (self.dir / 'about.json').exists():
+            atomic_write(self.dir / 'about.json', lambda f: f.write(json.dumps(self.about, indent=1).encode()))
+        name = f'pack-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}-{os.urandom(4).hex()}.pt'
+        torch_save({'keys': list(keys), 'features': feats, 'digest': self.digest(keys, feats)}, self.dir / name)
+
+    def compact(self, most=8):
+        """Merge the packs into one once there are more than `most`, so a warm start reads few files."""
+        if self.dir is None:
+            return
+        packs = sorted(self.dir.glob('pack-*.pt'))
+        if len(packs) <= most:
+            return
+        keys = sorted(self.rows)
+        self.put(keys, torch.stack([self.rows[k] for k in keys]))
+        newest = max(self.dir.glob('pack-*.pt'), key=os.path.getmtime)
+        for p in packs:
+            if p != newest:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
+class Extractor:
+    """Runs photos through the frozen backbone, once per (photo, view), reading and filling the cache.
+    The model is built only when something is missing from the cache: a warm run never builds it."""
+
+    def __init__(self, cfg, classes, spec, memo=None):
+        self.cfg, self.classes, self.spec = cfg, classes, spec
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.about = {'arch': cfg.arch, 'weights': spec.name, 'weights_id': spec.ident,
+                      'precision': self.precision, 'device': self.device.type, 'torch': str(torch.__version__),
+                      'torchvision': torchvision.__version__,
+                      'eval_transform': repr(eval_transform()), 'train_transform': repr(train_transform())}
+        key = hashlib.sha256(json.dumps(self.about, sort_keys=True).encode()).hexdigest()[:16]
+        self.cache = FeatureCache(cfg.cache or None, key, self.about)
+        self._model = None
+        self.backbone_calls = 0  # batches that went through the backbone (the tests count them)
+
+    def model(self):
+        if self._model is None:
+            state = load_weights(self.cfg.arch, self.spec)
+            try:
+                self._model = build_model(self.cfg.arch, len(self.classes), state, seed=self.cfg.seed)
+            except WeightsMismatch as e:
+                raise UserError(f'weights {self.spec.name} {e}; pass weights made for {self.cfg.arch} '
+                                f'or the --arch they belong to') from e
+            freeze(self._model)
+        return self._model
+
+    def features(self, photos, views):
+        """Features [len(photos), len(views), dim] for the given view names of each photo, and the list of
+        [path, reason] for photos that could not be read (their rows are zero)."""
+        keys = [[f'{p.sha}:{v}' for v in views] for p in photos]
+        todo = [i for i, ks in enumerate(keys) if any(self.cache.get(k) is None for k in ks)]
+        failures = []
+        if todo:
+            failures = self._extract([photos[i] for i in todo], [[v for v, k in zip(views, keys[i])
+                                                                  if self.cache.get(k) is None] for i in todo])
+        dim = next((self.cache.get(k).shape[0] for ks in keys for k in ks if self.cache.get(k) is not None), 0)
+        out = torch.zeros(len(photos), len(views), dim, dtype=self.feature_dtype())
+        for i, ks in enumerate(keys):
+            for j, k in enumerate(ks):
+                row = self.cache.get(k)
+                if row is not None:
+                    out[i, j] = row
+        return out, failures
+
+    def feature_dtype(self):
+        return torch.bfloat16 if self.precision == 'bf16' else torch.float32
+
+    def _extract(self, photos, views):
+        model, device, cfg = self.model(), self.device, self.cfg
+        model.to(device)
+        if device.type == 'cuda' or self.precision == 'bf16':
+            model.to(memory_format=torch.channels_last)  # measured faster for bf16 convolutions here
+        loader = torch.utils.data.DataLoader(
+            ViewDataset(photos, views), batch_size=max(1, cfg.extract_batch_size // max(1, len(views[0]))),
+            num_workers=cfg.workers, collate_fn=collate_views, pin_memory=device.type == 'cuda')
+        failures, pending_keys, pending = [], [], []
+        last_flush = time.time()
+        n_crops = sum(map(len, views))
+        bar = tqdm(total=n_crops, desc=f'extract {cfg.arch} features', unit='crop', disable=None, leave=False)
+        try:
+            with torch.inference_mode(), without_head(model):
+                for batch in loader:
+                    crops, keys = [], []
+                    for i, x, err in batch:
+                        if err:
+                            failures.append([photos[i].path, err])
+                            continue
+                        crops.append(x)
+                        keys += [f'{photos[i].sha}:{v}' for v in views[i]]
+                    if crops:
+                        x = torch.cat(crops).to(device, non_blocking=True).contiguous(
+                            memory_format=torch.channels_last)
+                        with autocast(device, self.precision):
+                            f = model(x)
+                        self.backbone_calls += 1
+                        pending.append(f.to(self.feature_dtype()).cpu())
+                        pending_keys += keys
+                    bar.update(sum(len(views[i]) for i, _, _ in batch))
+                    if pending and time.time() - last_flush > 30:  # long extractions save as they go
+                        self.cache.put(pending_keys, torch.cat(pending))
+                        pending_keys, pending, last_flush = [], [], time.time()
+        finally:
+            bar.close()
+            if pending:  # also on Ctrl-C: what was computed is kept, as complete packs
+                self.cache.put(pending_keys, torch.cat(pending))
+            self.cache.compact()
+        for path, reason in failures:
+            warn(f'skipped {reason}')
+        return failures
+
+
+# ------------------------------------------------------------------------------------------------
+# Train
+
+def select_threshold(y_pos, p_pos, target):
+    """Highest threshold t with sensitivity (share of positives with p >= t) of at least `target`."""
+    scores = sorted((p for y, p in zip(y_pos, p_pos) if y), reverse=True)
+    if not scores:
+        return THRESHOLD
+    k = max(1, math.ceil(target * len(scores) - 1e-9))
+    return float(scores[min(k, len(scores)) - 1])
+
+
+class Run:
+    """One training run's bookkeeping: per-epoch history and progress line, the best epoch (copied,
+    never referenced), the atomic best checkpoint and the resume file."""
+
+    def __init__(self, cfg, model, meta, out, positive):
+        self.cfg, self.model, self.meta, self.out, self.positive = cfg, model, meta, out, positive
+        self.history, self.best, self.best_written = [], None, None
+        self.last_write = 0.0
+        self.checkpoint = os.path.join(out, os.path.basename(SAVE_PATH)) if out else None
+
+    def better(self, m):
+        if self.best is None:
+            return True
+        b = self.best['metrics']
+        return (m['balanced_accuracy'], -m['loss']) > (b['balanced_accuracy'], -b['loss'])
+
+    def end_epoch(self, stage, epoch, epochs, train_stats, val, optimizer, rng, seconds):
+        row = {'stage': stage, 'epoch': epoch, 'train_loss': train_stats['loss'], 'train_accuracy':
+               train_stats['accuracy'], 'val_loss': val['metrics']['loss'] if val else float('nan'),
+               'val_accuracy': val['metrics']['accuracy'] if val else float('nan'),
+               'val_balanced_accuracy': val['metrics']['balanced_accuracy'] if val else float('nan'),
+               'seconds': seconds}
+        self.history.append(row)
+        improved = val is not None and self.better(val['metrics'])
+        if val is None or improved:  # with no validation photos the last epoch is the model
+            self.best = {'stage': stage, 'epoch': epoch, 'state': trainable_state(self.model),
+                         'metrics': val['metrics'] if val else {}, 'threshold': val['threshold'] if val else
+                         self.cfg.threshold}
+        v = (f' | val loss {row["val_loss"]:.3f} acc {row["val_accuracy"]:.3f} bal {row["val_balanced_accuracy"]:.3f}'
+             if val else '')
+        say(f'{stage} epoch {epoch:3d}/{epochs} | train loss {row["train_loss"]:.3f} acc {row["train_accuracy"]:.3f}'
+            f'{v} | {seconds:.2f}s{" *" if improved else ""}')
+        if self.checkpoint:
+            if self.best is not self.best_written and time.time() - self.last_write >= CHECKPOINT_SECONDS:
+                self.write_best()
+            torch_save({'format': 'monkeypox.py resume', 'fingerprint': self.meta['fingerprint'], 'stage': stage,
+                        'epoch': epoch, 'trainable': trainable_state(self.model), 'optimizer': optimizer.state_dict(),
+                        'rng': rng.get_state(), 'history': self.history,
+                        'best': {k: v for k, v in self.best.items()}}, os.path.join(self.out, RESUME_NAME))
+
+    def restore(self, resume):
+        self.history = resume['history']
+        self.best = resume['best']
+        self.best_written = None
+
+    def full_state(self):
+        state = self.model.state_dict()
+        state.update(self.best['state'])
+        return {k: v.detach().cpu() for k, v in state.items()}
+
+    def checkpoint_dict(self):
+        b = self.best
+        return {**self.meta, 'model': self.full_state(), 'epoch': b['epoch'], 'stage': b['stage'],
+                'threshold': b['threshold'], 'metrics': b['metrics'], 'history': self.history}
+
+    def write_best(self):
+        if not self.checkpoint or self.best is None or self.best is self.best_written:
+            return
+        ckpt = self.checkpoint_dict()
+        torch_save(ckpt, self.checkpoint)
+        write_class_map(ckpt['classes'], os.path.join(self.out, CLASS_MAP_NAME))
+        self.best_written, self.last_write = self.best, time.time()
+
+    def finish(self):
+        self.write_best()
+        if self.checkpoint:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.out, RESUME_NAME))
+            write_summary(self.history, os.path.join(self.out, 'summary.csv'))
+            atomic_write(os.path.join(self.out, 'config.json'),
+                         lambda f: f.write(json.dumps(self.meta['config'], indent=1).encode()))
+
+
+def write_class_map(classes, path):
+    """class_dict.pk: {index: name}, pickled, as the original script wrote it."""
+    atomic_write(path, lambda f: pickle.dump({i: c for i, c in enumerate(classes)}, f, protocol=4))
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):  # dicts, ints and strings need no class: anything else is refused
+        raise pickle.UnpicklingError(f'refused {module}.{name}')
+
+
+def read_class_map(path):
+    """class_dict.pk back as {index: name}, through an unpickler that can build nothing but plain data."""
+    try:
+        with open(path, 'rb') as f:
+            classes = _PlainDataUnpickler(f).load()
+    except FileNotFoundError:
+        raise UserError(f'class map {path} does not exist')
+    except Exception as e:
+        raise UserError(f'class map {path} refused: it must be a pickled {{index: name}} dict of ints and '
+                        f'strings only ({e}); nothing in it was run') from e
+    if not (isinstance(classes, dict) and classes and all(isinstance(k, int) for k in classes)
+            and all(isinstance(v, str) for v in classes.values()) and sorted(classes) == list(range(len(classes)))):
+        raise UserError(f'class map {path} is not an {{index: name}} dict with indices 0..n-1')
+    return classes
+
+
+def write_summary(history, path):
+    def write(f):
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=list(history[0]) if history else ['epoch'])
+        w.writeheader()
+        w.writerows(history)
+        f.write(text.getvalue().encode())
+    atomic_write(path, write)
+
+
+def positive_index(classes, positive):
+    """Index of the class screened for: --positive-class, else the class named like mpox/monkeypox."""
+    if positive and positive != 'auto':
+        if positive not in classes:
+            raise UserError(f'--positive-class {positive!r} is not one of the classes {classes}')
+        return classes.index(positive)
+    for i, c in enumerate(classes):
+        if re.sub(r'[\s_-]+', '', c.lower()) in ('monkeypox', 'mpox', 'monkeypoxvirus'):
+            return i
+    return None
+
+
+def head_epoch(head, x, y, views, cfg, optimizer, rng):
+    """One pass over the stored features: each photo contributes one of its stored views, drawn at random."""
+    n = len(y)
+    order = torch.randperm(n, generator=rng)
+    pick = torch.randint(views, (n,), generator=rng)
+    total, correct, seen = 0.0, 0, 0
+    head.train()
+    for s in range(0, n, cfg.batch_size):
+        idx = order[s:s + cfg.batch_size]
+        logits = head(x[idx, pick[idx]].float())
+        loss = F.cross_entropy(logits, y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        correct += (logits.argmax(1) == y[idx]).sum().item()
+        seen += len(idx)
+    head.eval()
+    return {'loss': total / seen, 'accuracy': correct / seen}
+
+
+def validate(logits_fn, y, classes, positive, cfg):
+    """Validation metrics at the configured operating point, and the threshold the checkpoint will use."""
+    with torch.no_grad():
+        logits = logits_fn()
+    loss = F.cross_entropy(logits, y).item()
+    probs = logits.softmax(1)
+    threshold = cfg.threshold
+    if positive is not None and cfg.target_sensitivity > 0:
+        threshold = select_threshold((y == positive).tolist(), probs[:, positive].tolist(), cfg.target_sensitivity)
+    m = metrics(y.tolist(), probs.tolist(), classes, positive, cfg.threshold)
+    m['loss'] = loss
+    return {'metrics': m, 'threshold': threshold}
+
+
+def fit_head(model, train_x, train_y, val_x, val_y, classes, positive, cfg, run, resume=None):
+    """Adam + cross-entropy on the stored features; the best epoch goes to `run`."""
+    head = model.get_submodule(head_name(model))
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    start = 1
+    if resume and resume['stage'] == 'head':
+        head.load_state_dict({k.split('.')[-1]: v for k, v in resume['trainable'].items()})
+        optimizer.load_state_dict(resume['optimizer'])
+        rng.set_state(resume['rng'])
+        start = resume['epoch'] + 1
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.time()
+        stats = head_epoch(head, train_x, train_y, train_x.shape[1], cfg, optimizer, rng)
+        val = validate(lambda: head(val_x.float()), val_y, classes, positive, cfg) if len(val_y) else None
+        run.end_epoch('head', epoch, cfg.epochs, stats, val, optimizer, rng, time.time() - t0)
+
+
+def fingerprint(cfg, split, spec):
+    """What a resumed run must share with the interrupted one."""
+    keep = {k: v for k, v in vars(cfg).items() if k not in ('resume', 'workers', 'no_plot', 'extract_batch_size')}
+    ids = [[p.sha for p in split.train], [p.sha for p in split.val], spec.ident]
+    return hashlib.sha256(json.dumps([keep, ids], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def relpaths(photos, root):
+    return [os.path.relpath(p.path, root) for p in photos]
+
+
+def train(cfg):
+    """Train the head (and the unfrozen stages) on --data; returns the checkpoint path and the split."""
+    memo = load_memo(cfg.cache)
+    split = load_split(cfg.data, cfg.val_fraction, cfg.seed, memo)
+    spec = resolve_weights(cfg.arch, cfg.weights, cfg.seed, memo)
+    save_memo(cfg.cache, memo)
+    print_split(split, f', seed {cfg.seed}, {cfg.val_fraction:.0%} held out' if split.how == 'grouped' else '')
+    positive = positive_index(split.classes, cfg.positive_class)
+    extractor = Extractor(cfg, split.classes, spec)
+    say(f'model: {cfg.arch}, weights {spec.name}, {extractor.device.type} {extractor.precision}, frozen backbone'
+        + (f', then last {cfg.unfreeze} stages fine-tuned' if getattr(cfg, 'unfreeze', 0) else ''))
+    t0 = time.time()
+    calls = extractor.backbone_calls
+    train_views = [f'train{k}' for k in range(cfg.views)]
+    train_x, bad = extractor.features(split.train, train_views)
+    val_x, bad_val = extractor.features(split.val, [EVAL_VIEW])
+    failures = bad + bad_val
+    if failures:
+        keep_t = [i for i, p in enumerate(split.train) if p.path not in {f[0] for f in failures}]
+        keep_v = [i for i, p in enumerate(split.val) if p.path not in {f[0] for f in failures}]
+        train_x, val_x = train_x[keep_t], val_x[keep_v]
+        drop_unreadable(split, failures)
+        warn(f'{len(failures)} unreadable image(s) skipped; they are listed in the checkpoint')
+    say(f'features: {len(split.train)}x{cfg.views} training views + {len(split.val)} validation photos, '
+        f'{"computed" if extractor.backbone_calls > calls else "all from cache"} in {time.time() - t0:.1f}s'
+        + (f' (cache {extractor.cache.dir})' if extractor.cache.dir else ''))
+    model = extractor._model
+    if model is None:  # everything came from the cache: build the model only now, to save it
+        model = build_model(cfg.arch, len(split.classes), load_weights(cfg.arch, spec), seed=cfg.seed)
+    freeze(model)
+    model.cpu()
+    meta = {'format': CHECKPOINT_FORMAT, 'version': CHECKPOINT_VERSION, 'arch': cfg.arch,
+            'classes': split.classes, 'positive_class': split.classes[positive] if positive is not None else None,
+            'preprocess': {'image_size': IMAGE_SIZE, 'resize': RESIZE, 'mean': list(MEAN), 'std': list(STD)},
+            'weights': {'source': spec.name, 'kind': spec.kind, 'id': spec.ident},
+            'config': {k: v for k, v in vars(cfg).items()}, 'precision': extractor.precision,
+            'split': {'root': os.path.abspath(split.root), 'how': split.how, 'seed': cfg.seed,
+                      'val_fraction': cfg.val_fraction, 'train': relpaths(split.train, split.root),
+                      'val': relpaths(split.val, split.root), 'skipped': split.skipped},
+            'versions': {'torch': str(torch.__version__), 'torchvision': torchvision.__version__,
+                         'python': sys.version.split()[0]},
+            'fingerprint': fingerprint(cfg, split, spec)}
+    run = Run(cfg, model, meta, cfg.out, positive)
+    resume = read_resume(cfg, meta) if cfg.resume else None
+    if resume:
+        run.restore(resume)
+    train_y = torch.tensor([p.label for p in split.train])
+    val_y = torch.tensor([p.label for p in split.val])
+    try:
+        fit_head(model, train_x, train_y, val_x[:, 0], val_y, split.classes, positive, cfg, run, resume)
+        run.finish()
+    except KeyboardInterrupt:
+        saved = (f'best checkpoint so far (epoch {run.best["epoch"]}) in {run.checkpoint}' if run.best else
+                 'no checkpoint yet')
+        with contextlib.suppress(Exception):
+            run.write_best()
+        say(f'interrupted: {saved}; resume with --resume')
+        raise
+    if not len(val_y):
+        warn('no validation photos: the checkpoint is the last epoch and no accuracy can be claimed')
+    say(f'saved {run.checkpoint} (best epoch {run.best["epoch"]}'
+        + (f', val balanced accuracy {run.best["metrics"]["balanced_accuracy"]:.3f}' if len(val_y) else '') + ')')
+    return run.checkpoint, split
+
+
+def read_resume(cfg, meta):
+    path = os.path.join(cfg.out, RESUME_NAME)
+    resume = safe_torch_load(path, what='resume file') if os.path.exists(path) else None
+    if resume is None:
+        raise UserError(f'--resume: {path} does not exist (the run finished, or never started); drop --resume')
+    if resume.get('format') != 'monkeypox.py resume' or resume.get('fingerprint') != meta['fingerprint']:
+        raise UserError(f'--resume: {path} belongs to a run with other data or settings; use the same flags, '
+                        'or drop --resume to start over')
+    say(f'resuming from {resume["stage"]} epoch {resume["epoch"]}')
+    return resume
+
+
+def load_memo(cache):
+    try:
+        with open(os.path.join(cache, 'hashes.json')) as f:
+            return json.load(f)
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def save_memo(cache, memo):
+    if cache:
+        with contextlib.suppress(UserError):
+            atomic_write(os.path.join(cache, 'hashes.json'), lambda f: f.write(json.dumps(memo).encode()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluate
+
+def decide(probs, positive, threshold):
+    """Predicted class per row of probabilities: the positive class when its probability reaches the
+    threshold, else the most probable other class (plain argmax when there is no positive class)."""
+    preds = []
+    for p in probs:
+        if positive is None:
+            preds.append(max(range(len(p)), key=p.__getitem__))
+        elif p[positive] >= threshold:
+            preds.append(positive)
+        else:
+            preds.append(max((k for k in range(len(p)) if k != positive), key=p.__getitem__))
+    return preds
+
+
+def wilson(k, n, z=1.959963984540054):
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return [float('nan'), float('nan')]
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def roc_auc(y_pos, scores):
+    """Area under the ROC curve: the probability that a positive outscores a negative (ties count half)."""
+    pos = [s for y, s in zip(y_pos, scores) if y]
+    neg = [s for y, s in zip(y_pos, scores) if not y]
+    if not pos or not neg:
+        return float('nan')
+    ranks = average_ranks(scores)
+    rank_sum = sum(r for r, y in zip(ranks, y_pos) if y)
+    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def average_ranks(values):
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def roc_curve(y_pos, scores):
+    """(false positive rates, true positive rates, thresholds), thresholds from high to low."""
+    P = sum(y_pos)
+    N = len(y_pos) - P
+    fpr, tpr, thr = [0.0], [0.0], [float('inf')]
+    for t in sorted(set(scores), reverse=True):
+        tp = sum(1 for y, s in zip(y_pos, scores) if y and s >= t)
+        fp = sum(1 for y, s in zip(y_pos, scores) if not y and s >= t)
+        fpr.append(fp / N if N else float('nan'))
+        tpr.append(tp / P if P else float('nan'))
+        thr.append(t)
+    return fpr, tpr, thr
+
+
+def metrics(labels, probs, classes, positive, threshold):
+    """Everything `evaluate` reports, as plain numbers (JSON-ready)."""
+    preds = decide(probs, positive, threshold)
+    n, C = len(labels), len(classes)
+    cm = [[0] * C for _ in range(C)]
+    for y, p in zip(labels, preds):
+        cm[y][p] += 1
+    recall = [cm[k][k] / sum(cm[k]) if sum(cm[k]) else float('nan') for k in range(C)]
+    col = [sum(cm[r][k] for r in range(C)) for k in range(C)]
+    precision = [cm[k][k] / col[k] if col[k] else float('nan') for k in range(C)]
+    present = [r for r in recall if not math.isnan(r)]
+    m = {'n': n, 'classes': list(classes), 'threshold': threshold,
+         'positive_class': classes[positive] if positive is not None else None,
+         'accuracy': sum(cm[k][k] for k in range(C)) / n if n else float('nan'),
+         'balanced_accuracy': sum(present) / len(present) if present else float('nan'),
+         'precision': dict(zip(classes, precision)), 'recall': dict(zip(classes, recall)),
+         'support': {c: sum(cm[k]) for k, c in enumerate(classes)}, 'confusion_matrix': cm,
+         'sensitivity': None, 'sensitivity_ci': None, 'specificity': None, 'specificity_ci': None, 'auc': None}
+    if positive is not None:
+        tp = cm[positive][positive]
+        P = sum(cm[positive])
+        tn = sum(cm[r][c] for r in range(C) for c in range(C) if r != positive and c != positive)
+        N = n - P
+        y_pos = [y == positive for y in labels]
+        m.update(sensitivity=tp / P if P else float('nan'), sensitivity_ci=wilson(tp, P),
+                 specificity=tn / N if N else float('nan'), specificity_ci=wilson(tn, N),
+                 auc=roc_auc(y_pos, [p[positive] for p in probs]))
+    return m
+
+
+def json_ready(obj):
+    """NaN is not JSON: report it as null."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+def print_metrics(m, title):
+    f = lambda x: '  n/a' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{x:.3f}'  # noqa: E731
+    say(title)
+    say(f'accuracy {f(m["accuracy"])}   balanced accuracy {f(m["balanced_accuracy"])}   ({m["n"]} photos)')
+    if m['positive_class'] is not None:
+        pc = m['positive_class']
+        ci = lambda c: '' if c is None or math.isnan(c[0]) else f' (95% CI {c[0]:.2f}-{c[1]:.2f})'  # noqa: E731
+        say(f'{pc}: called when P({pc}) >= {m["threshold"]:.2f}')
+        say(f'  sensitivity {f(m["sensitivity"])}{ci(m["sensitivity_ci"])}   '
+            f'specificity {f(m["specificity"])}{ci(m["specificity_ci"])}   ROC AUC {f(m["auc"])}')
+    width = max(10, max(len(c) for c in m['classes']))
+    say(f'  {"class":<{width}}  precision  recall      n')
+    for c in m['classes']:
+        say(f'  {c:<{width}}  {f(m["precision"][c]):>9}  {f(m["recall"][c]):>6}  {m["support"][c]:5d}')
+    say('  confusion matrix (rows: true class, columns: predicted):')
+    for c, row in zip(m['classes'], m['confusion_matrix']):
+        say(f'  {c:<{width}}  ' + '  '.join(f'{v:5d}' for v in row))
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: nn.Module
+    ckpt: dict
+    classes: list
+    positive: int
+    path: str
+
+
+def load_checkpoint(path):
+    """A checkpoint written by `train`: its model rebuilt from the file alone."""
+    ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
+        if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+            raise UserError(f'{path} is a bare state_dict ({len(ckpt)} tensors) without the class names and '
+                            'preprocessing a checkpoint carries; retrain with `python monkeypox.py train`')
+        raise UserError(f'{path} is not a monkeypox.py checkpoint (no "format" entry); '
+                        'pass the file `train` wrote (chk/monkeypox_model.pkl)')
+    missing = [k for k in ('model', 'arch', 'classes', 'preprocess') if k not in ckpt]
+    if missing:
+        raise UserError(f'{path} is an incomplete checkpoint (missing {", ".join(missing)}); retrain')
+    classes = list(ckpt['classes'])
+    try:
+        model = build_model(ckpt['arch'], len(classes), ckpt['model'], load_head=True)
+    except WeightsMismatch as e:
+        raise UserError(f'{path}: its weights {e}; the file is damaged or was edited') from e
+    except Exception as e:
+        raise UserError(f'{path}: cannot rebuild {ckpt["arch"]} ({e}); this torchvision may lack it') from e
+    pc = ckpt.get('positive_class')
+    return Loaded(model, ckpt, classes, classes.index(pc) if pc in classes else None, path)
+
+
+def predict_probs(loaded, photos, device, precision, desc='predict'):
+    """Class probabilities of each photo (eval transform), in batches, model and input on one device.
+    Returns (probs list, failures [path, reason]); unreadable photos get no row."""
+    model = loaded.model.to(device)
+    if device.type == 'cuda' or precision == 'bf16':
+        model.to(memory_format=torch.channels_last)
+    head = model.get_submodule(head_name(model))
+    loader = torch.utils.data.DataLoader(ViewDataset(photos, [[EVAL_VIEW]] * len(photos)),
+                                         batch_size=EXTRACT_BATCH_SIZE, num_workers=default_workers()
+                                         if len(photos) > EXTRACT_BATCH_SIZE else 0,
+                                         collate_fn=collate_views, pin_memory=device.type == 'cuda')
+    probs, failures = {}, []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, unit='batch', disable=None, leave=False):
+            ok = [(i, x) for i, x, err in batch if err is None]
+            failures += [[photos[i].path, err] for i, _, err in batch if err]
+            if not ok:
+                continue
+            x = torch.cat([x for _, x in ok]).to(device, non_blocking=True).contiguous(
+                memory_format=torch.channels_last)
+            with without_head(model), autocast(device, precision):
+                f = model(x)
+            # the head runs in fp32 on the features, exactly as in training
+            p = head(f.to(torch.bfloat16 if precision == 'bf16' else torch.float32).float()).softmax(1).cpu()
+            for (i, _), row in zip(ok, p.tolist()):
+                probs[i] = row
+    return probs, failures
+
+
+def evaluation_photos(loaded, data, use_all):
+    """Which photos `evaluate` scores, and a sentence saying so."""
+    split = loaded.ckpt.get('split', {})
+    if os.path.isdir(os.path.join(data, 'train')):
+        for sub in ('test', 'val'):
+            if os.path.isdir(os.path.join(data, sub)):
+                _, photos = read_photos(os.path.join(data, sub), loaded.classes)
+                return photos, f'{os.path.join(data, sub)} ({sub} folder, never used for training)'
+        raise UserError(f'{data} has train/ but no val/ or test/ folder to evaluate on; pass --data FOLDER')
+    _, photos = read_photos(data, loaded.classes)
+    rel = {os.path.relpath(p.path, data): p for p in photos}
+    trained = set(split.get('train', [])) | set(split.get('val', []))
+    same = split.get('how') == 'grouped' and trained and trained <= set(rel) and not use_all
+    if same:
+        val = [rel[r] for r in split['val']]
+        return val, (f'{data}: the {len(val)} validation photos of the checkpoint\'s split (seed {split["seed"]}); '
+                     '--all for every photo')
+    note = ' (--all: includes the photos the model was trained on)' if use_all and trained & set(rel) else ''
+    return photos, f'{data}: all {len(photos)} photos{note}'
+
+
+def evaluate(cfg):
+    loaded = load_checkpoint(cfg.checkpoint)
+    photos, what = evaluation_photos(loaded, cfg.data, cfg.all)
+    if not photos:
+        raise UserError(f'no photos to evaluate in {cfg.data}')
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    probs, failures = predict_probs(loaded, photos, device, precision, desc='evaluate')
+    for path, reason in failures:
+        warn(f'skipped {reason}')
+    scored = [i for i in range(len(photos)) if i in probs]
+    threshold = cfg.threshold if cfg.threshold is not None else loaded.ckpt.get('threshold', THRESHOLD)
+    m = metrics([photos[i].label for i in scored], [probs[i] for i in scored], loaded.classes, loaded.positive,
+                threshold)
+    m.update(images=what, checkpoint=cfg.checkpoint, skipped=failures)
+    if cfg.json:
+        print(json.dumps(json_ready(m)))
+    else:
+        print_metrics(m, f'evaluated {what}\ncheckpoint {cfg.checkpoint} ({loaded.ckpt["arch"]}, epoch '
+                         f'{loaded.ckpt.get("epoch")})')
+        say(NOT_A_DIAGNOSIS)
+    return m
+
+
+# ------------------------------------------------------------------------------------------------
+# Predict
+
+def collect_images(paths):
+    """Image files named on the command line or found (recursively) in named folders; problems as lines."""
+    files, problems = [], []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(d, f) for d, dirs, fs in os.walk(p) for f in fs if is_image_file(f)
+                           and not any(is_hidden(part) for part in Path(os.path.relpath(d, p)).parts))
+            if not found:
+                problems.append(f'{p}: folder holds no images ({", ".join(IMAGE_EXTENSIONS[:5])}, ...)')
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            problems.append(f'{p}: no such file or folder')
+    return files, problems
+
+
+def predict(cfg):
+    files, problems = collect_images(cfg.paths)
+    loaded = load_checkpoint(cfg.checkpoint) if files else None
+    results = []
+    if files:
+        device = resolve_device(cfg.device)
+        precision = resolve_precision(cfg.precision, device)
+        photos = [Photo(f, -1, '') for f in files]
+        probs, failures = predict_probs(loaded, photos, device, precision)
+        problems += [reason for _, reason in failures]
+        threshold = cfg.threshold if cfg.threshold is not None else loaded.ckpt.get('threshold', THRESHOLD)
+        for i, f in enumerate(files):
+            if i not in probs:
+                continue
+            label = decide([probs[i]], loaded.positive, threshold)[0]
+            results.append({'path': f, 'label': loaded.classes[label], 'probability': probs[i][label],
+                            'probabilities': dict(zip(loaded.classes, probs[i]))})
+    for r in results:
+        if cfg.json:
+            print(json.dumps(r))
+        else:
+            say(f'{r["path"]}\t{r["label"]}\t{r["probability"]:.3f}')
+    for line in problems:
+        print(f'error: {line}', file=sys.stderr)
+    if not results:
+        raise UserError('nothing could be predicted' + ('' if problems else ': no paths given'))
+    if not cfg.json:
+        say(NOT_A_DIAGNOSIS)
+    if not cfg.no_plot:
+        plot_predictions(results, loaded, cfg)
+    if problems:
+        say.exit_code = 2  # some failed: the rest are printed, the exit code still tells
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots
+
+def pyplot(to_file):
+    """matplotlib.pyplot, on the Agg backend when saving to a file or when there is no display."""
+    import matplotlib
+    if to_file or not has_display():
+        matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def has_display():
+    return sys.platform in ('darwin', 'win32') or bool(os.environ.get('DISPLAY') or os.environ.get('WAYLAND_DISPLAY'))
+
+
+def show_or_save(fig, plt, path, to_file):
+    if to_file or not has_display():
+        fig.savefig(path, dpi=100, bbox_inches='tight')
+        plt.close(fig)
+        say(f'plot: {path}')
+    else:
+        plt.show()
+
+
+def plot_predictions(results, loaded, cfg):
+    """The photos as a person sees them (not the normalised tensor), with the answer in the title."""
+    shown = results[:16]
+    to_file = bool(cfg.plot)
+    path = cfg.plot or os.path.join(os.path.dirname(os.path.abspath(cfg.checkpoint)), 'prediction.png')
+    plt = pyplot(to_file)
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis('off')
+    for ax, r in zip(axes.flat, shown):
+        ax.imshow(load_rgb(r['path']))
+        ax.set_title(f'{r["label"]} ({r["probability"]:.0%})\n{os.path.basename(r["path"])}', fontsize=10)
+    fig.text(0.5, 0.0, 'monkeypox.py: a research tool, not a diagnosis', ha='center', fontsize=8)
+    show_or_save(fig, plt, path, to_file)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+def positive_int(text):
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, not {text}')
+    return v
+
+
+def non_negative_int(text):
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f'must be 0 or more, not {text}')
+    return v
+
+
+def positive_float(text):
+    v = float(text)
+    if not v > 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f'must be a positive number, not {text}')
+    return v
+
+
+def open_fraction(text):
+    v = float(text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f'must be between 0 and 1 (exclusive), not {text}')
+    return v
+
+
+def probability(text):
+    v = float(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f'must be between 0 and 1, not {text}')
+    return v
+
+
+def arch_name(text):
+    if text not in torchvision.models.list_models(module=torchvision.models):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a torchvision classification model '
+                                         '(e.g. resnet101, resnet50, resnet18, mobilenet_v2, efficientnet_b0)')
+    return text
+
+
+def device_name(text):
+    if text not in ('auto', 'cpu', 'cuda') and not re.fullmatch(r'cuda:\d+', text):
+        raise argparse.ArgumentTypeError(f'{text!r}: choose auto, cpu or cuda')
+    return text
+
+
+def build_parser():
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--device', metavar='DEV', type=device_name, default=DEVICE, help='auto, cpu, cuda or cuda:N')
+    common.add_argument('--precision', choices=('auto', 'fp32', 'bf16'), default=PRECISION,
+                        help='backbone arithmetic; auto = bf16 where the hardware is fast at it')
+    common.add_argument('--workers', metavar='N', type=non_negative_int, default=default_workers(), help='image decoding processes')
+    common.add_argument('--debug', action='store_true', help='show tracebacks (or set MONKEYPOX_DEBUG=1)')
+
+    training = argparse.ArgumentParser(add_help=False)
+    training.add_argument('--data', metavar='DIR', default=IMAGE_PATH, help='class folders, or train/ + val/ folders')
+    training.add_argument('--epochs', metavar='N', type=positive_int, default=EPOCHS, help='head training epochs')
+    training.add_argument('--lr', metavar='X', type=positive_float, default=LR, help='Adam learning rate of the head')
+    training.add_argument('--batch-size', metavar='N', type=positive_int, default=BATCH_SIZE, help='photos per step')
+    training.add_argument('--arch', metavar='NAME', type=arch_name, default=ARCH, help='torchvision model name')
+    training.add_argument('--weights', metavar='W', default=WEIGHTS,
+                          help='auto, a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a file, or none')
+    training.add_argument('--seed', metavar='N', type=int, default=SEED, help='split, initialisation and shuffling')
+    training.add_argument('--val-fraction', metavar='F', type=open_fraction, default=VAL_FRACTION,
+                          help='validation share of a flat dataset, whole patients at a time')
+    training.add_argument('--views', metavar='K', type=positive_int, default=VIEWS, help='random training crops per photo')
+    training.add_argument('--extract-batch-size', metavar='N', type=positive_int, default=EXTRACT_BATCH_SIZE,
+                          help='crops per backbone pass')
+    training.add_argument('--out', metavar='DIR', default=os.path.dirname(SAVE_PATH) or '.',
+                          help='folder for checkpoint, class map, summary, curves and cache')
+    training.add_argument('--cache', metavar='DIR', default=CACHE_DIR, help='feature cache folder (default OUT/cache)')
+    training.add_argument('--no-cache', action='store_true', help='keep features in memory only')
+    training.add_argument('--positive-class', metavar='NAME', default=POSITIVE_CLASS, help='class screened for')
+    training.add_argument('--threshold', metavar='P', type=probability, default=THRESHOLD,
+                          help='P(positive class) at or above which a photo is called positive')
+    training.add_argument('--target-sensitivity', metavar='S', type=probability, default=TARGET_SENSITIVITY,
+                          help='if > 0: highest threshold reaching this validation sensitivity')
+    training.add_argument('--resume', action='store_true', help='continue an interrupted run in --out')
+    training.add_argument('--no-plot', action='store_true', help='write no pictures')
+
+    checkpoint = argparse.ArgumentParser(add_help=False)
+    checkpoint.add_argument('--checkpoint', metavar='FILE', default=SAVE_PATH, help='checkpoint written by train')
+    checkpoint.add_argument('--threshold', metavar='P', type=probability, default=None,
+                            help='override the checkpoint\'s operating threshold')
+
+    parser = argparse.ArgumentParser(prog='monkeypox.py', description=__doc__.split('\n\n')[0] + ' ' +
+                                     NOT_A_DIAGNOSIS, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog='With no command: train, then predict --test-image (the original '
+                                     'script\'s flow); `python monkeypox.py run --help` lists its flags.')
+    sub = parser.add_subparsers(dest='command', metavar='command')
+    p = sub.add_parser('run', parents=[training, common], formatter_class=fmt,
+                       help='train, then predict and show TEST_IMAGE (the default)')
+    p.add_argument('--test-image', metavar='FILE', default=TEST_IMAGE, help='photo predicted after training')
+    sub.add_parser('train', parents=[training, common], formatter_class=fmt, help='train a classifier')
+    p = sub.add_parser('evaluate', parents=[checkpoint, common], formatter_class=fmt,
+                       help='metrics on photos the model never saw')
+    p.add_argument('--data', metavar='DIR', default=IMAGE_PATH, help='dataset or folder of class folders to evaluate on')
+    p.add_argument('--all', action='store_true', help='every photo of --data, even those trained on')
+    p.add_argument('--json', action='store_true', help='print one JSON object')
+    p = sub.add_parser('predict', parents=[checkpoint, common], formatter_class=fmt, help='classify photos')
+    p.add_argument('paths', nargs='+', metavar='PATH', help='image files or folders')
+    p.add_argument('--json', action='store_true', help='one JSON object per line')
+    g = p.add_mutually_exclusive_group()
+    g.add_argument('--plot', metavar='FILE', default='', help='save the plot to FILE (PNG)')
+    g.add_argument('--no-plot', action='store_true', help='no plot')
+    return parser
+
+
+COMMANDS = ('run', 'train', 'evaluate', 'predict')
+
+
+def parse_args(argv):
+    parser = build_parser()
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ('-h', '--help')):
+        argv = ['run'] + list(argv)  # `python monkeypox.py [flags]` is the original script's flow
+    args = parser.parse_args(argv)
+    command_parser = parser._subparsers._group_actions[0].choices[args.command]
+    if getattr(args, 'device', 'cpu').startswith('cuda') and not torch.cuda.is_available():
+        command_parser.error(f'--device {args.device}: no CUDA GPU is available here; use --device cpu or auto')
+    if args.command in ('run', 'train'):
+        args.cache = '' if args.no_cache else (args.cache or os.path.join(args.out, 'cache'))
+    return args
+
+
+def run_default(cfg):
+    """The original script's flow: train, then predict one photo and show it."""
+    checkpoint, split = train(cfg)
+    image = cfg.test_image
+    if not os.path.isfile(image):
+        if not split.val:
+            say(f'{image} does not exist and there are no validation photos to show instead')
+            return
+        image = split.val[0].path
+        say(f'{cfg.test_image} does not exist: predicting the held-out validation photo {image} instead')
+    args = argparse.Namespace(paths=[image], checkpoint=checkpoint, json=False, plot='', no_plot=cfg.no_plot,
+                              threshold=None, device=cfg.device, precision=cfg.precision)
+    predict(args)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    debug = getattr(args, 'debug', False) or os.environ.get('MONKEYPOX_DEBUG') == '1'
+    say.to_stderr = getattr(args, 'json', False)
+    say.exit_code = 0
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        {'run': run_default, 'train': train, 'evaluate': evaluate, 'predict': predict}[args.command](args)
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        print(f'monkeypox.py: error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('monkeypox.py: stopped', file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `... | head` closed stdout: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return say.exit_code
+
+
+if __name__ == '__main__':
+    sys.exit(main())

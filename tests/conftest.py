@@ -1,0 +1,110 @@
+"""Shared fixtures: synthetic photos made at test time, the real MSLD photos and ImageNet weights from
+../shared when they are there, and a way to run the CLI as a user does."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'monkeypox.py'
+SHARED = Path(os.environ.get('MONKEYPOX_SHARED') or REPO.parent / 'shared')
+MSLD = SHARED / 'data' / 'msld-v1'
+MOBILENET_FILE = SHARED / 'weights' / 'mobilenet_v2-b0353104.pth'
+REQUIRE_SHARED = os.environ.get('MONKEYPOX_REQUIRE_SHARED') == '1'  # .ci/run sets it: real-data tests must run
+
+sys.path.insert(0, str(REPO))
+
+
+def draw_photo(rng, spot_colour, size=96, spots=3, radius=(6, 12)):
+    """A skin-toned square with a few coloured round spots, and the spots' (x, y, r)."""
+    skin = np.array([224, 180, 150]) + rng.integers(-20, 20, 3)
+    a = np.clip(skin + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(a, 'RGB')
+    d = ImageDraw.Draw(img)
+    discs = []
+    for _ in range(spots):
+        r = int(rng.integers(*radius))
+        x, y = (int(v) for v in rng.integers(r, size - r, 2))
+        d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in spot_colour))
+        discs.append((x, y, r))
+    return img, discs
+
+
+def make_dataset(root, per_class=12, classes=('Monkey Pox', 'Others'), seed=0, size=96):
+    """Class folders of synthetic photos, named like MSLD (P<patient>_<n>.jpg, two photos per patient).
+    Class 0 has red spots, class 1 blue-green ones: learnable even by a randomly initialised backbone."""
+    rng = np.random.default_rng(seed)
+    colours = [(200, 30, 40), (40, 140, 160), (230, 200, 40), (120, 60, 160)]
+    root = Path(root)
+    for k, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img, _ = draw_photo(rng, colours[k], size=size)
+            img.save(folder / f'P{i // 2}_{i % 2 + 1}.jpg', quality=90)
+    return root
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    return make_dataset(tmp_path / 'data')
+
+
+@pytest.fixture(scope='session')
+def synthetic_trained(tmp_path_factory):
+    """A resnet18 (random weights) trained on synthetic photos, shared by read-only tests."""
+    root = tmp_path_factory.mktemp('trained')
+    data = make_dataset(root / 'data', per_class=16)
+    out = root / 'chk'
+    r = run_cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '4',
+                '--out', out, '--views', '2')
+    assert r.returncode == 0, r.stderr
+    return data, out / 'monkeypox_model.pkl'
+
+
+def need_shared(path):
+    if not Path(path).exists():
+        if REQUIRE_SHARED:
+            pytest.fail(f'{path} is required (MONKEYPOX_REQUIRE_SHARED=1) but missing')
+        pytest.skip(f'{path} not here: the real-data tests need ../shared (data and weights)')
+    return Path(path)
+
+
+@pytest.fixture(scope='session')
+def msld():
+    return need_shared(MSLD)
+
+
+@pytest.fixture(scope='session')
+def torch_home(tmp_path_factory):
+    """A TORCH_HOME whose hub cache holds torchvision's ImageNet MobileNetV2 file, so that
+    `--weights IMAGENET1K_V1` loads it through torchvision's own mechanism, offline."""
+    need_shared(MOBILENET_FILE)
+    home = tmp_path_factory.mktemp('torch_home')
+    (home / 'hub' / 'checkpoints').mkdir(parents=True)
+    os.symlink(MOBILENET_FILE, home / 'hub' / 'checkpoints' / MOBILENET_FILE.name)
+    return home
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600, **kwargs):
+    """Run `python monkeypox.py ARGS` in a subprocess, as a user would."""
+    full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
+    full_env.pop('DISPLAY', None)
+    full_env.pop('WAYLAND_DISPLAY', None)
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def copy_script(dest):
+    shutil.copy(SCRIPT, dest)
+    return Path(dest) / SCRIPT.name

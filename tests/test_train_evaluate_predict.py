@@ -1,0 +1,270 @@
+"""The foundation: data split, frozen backbone, best checkpoint, evaluate and predict, on real files."""
+import csv
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import monkeypox as mp
+from conftest import copy_script, make_dataset
+
+
+def photos_of(root):
+    _, photos = mp.read_photos(str(root))
+    return photos
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def test_group_key_drops_the_photo_number_but_keeps_the_class():
+    assert mp.group_key('d/Monkey Pox/P13_1.jpg') == mp.group_key('d/Monkey Pox/P13_2.jpg') == ('Monkey Pox', 'P13')
+    assert mp.group_key('d/Others/11.jpg') == mp.group_key('d/Others/11_1.jpg')
+    assert mp.group_key('d/Others/58_!.jpg') == ('Others', '58_!')
+    assert mp.group_key('d/Others/P13_1.jpg') != mp.group_key('d/Monkey Pox/P13_1.jpg')
+
+
+def test_split_keeps_each_patient_and_each_duplicate_on_one_side(msld):
+    photos = photos_of(msld)
+    train, val = mp.grouped_split(photos, 0.2, seed=0)
+    assert len(train) + len(val) == len(photos) == 228
+    assert {mp.group_key(p.path) for p in train}.isdisjoint({mp.group_key(p.path) for p in val})
+    side = {os.path.relpath(p.path, msld): 'val' for p in val}
+    # Others/34_1.jpg and Others/82_1.jpg are the same bytes under two names
+    assert side.get('Others/34_1.jpg', 'train') == side.get('Others/82_1.jpg', 'train')
+
+
+def test_split_is_stratified_by_class_and_fixed_by_the_seed(msld):
+    photos = photos_of(msld)
+    train, val = mp.grouped_split(photos, 0.2, seed=0)
+    for label, n in ((0, 102), (1, 126)):
+        held = sum(p.label == label for p in val)
+        assert abs(held - 0.2 * n) <= 5  # within the largest patient (5 photos)
+    assert [p.path for p in mp.grouped_split(photos, 0.2, seed=0)[1]] == [p.path for p in val]
+    assert [p.path for p in mp.grouped_split(photos, 0.2, seed=1)[1]] != [p.path for p in val]
+
+
+def test_train_and_val_folders_are_used_as_given(tmp_path, cli):
+    make_dataset(tmp_path / 'd' / 'train', per_class=8)
+    make_dataset(tmp_path / 'd' / 'val', per_class=4, seed=1)
+    r = cli('train', '--data', tmp_path / 'd', '--arch', 'resnet18', '--weights', 'none', '--epochs', '1',
+            '--views', '1', '--out', tmp_path / 'chk')
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)
+    assert ckpt['split']['how'] == 'folders'
+    assert len(ckpt['split']['train']) == 16 and len(ckpt['split']['val']) == 8
+    assert all(p.startswith('val' + os.sep) for p in ckpt['split']['val'])
+
+
+def test_images_of_any_mode_become_rgb(tmp_path):
+    Image.new('L', (20, 10), 128).save(tmp_path / 'grey.png')
+    Image.new('RGBA', (20, 10), (255, 0, 0, 0)).save(tmp_path / 'clear.png')  # transparent: shows as white
+    Image.new('P', (20, 10), 3).save(tmp_path / 'palette.png')
+    for name in ('grey.png', 'clear.png', 'palette.png'):
+        img = mp.load_rgb(tmp_path / name)
+        assert img.mode == 'RGB' and img.size == (20, 10)
+    assert mp.load_rgb(tmp_path / 'clear.png').getpixel((0, 0)) == (255, 255, 255)
+
+
+# --- model -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('arch', ['resnet101', 'resnet50', 'resnet18', 'mobilenet_v2'])
+def test_architectures_get_a_new_head_with_one_output_per_class(arch):
+    model = mp.build_model(arch, 3)
+    head, _ = mp.freeze(model)
+    assert isinstance(head, torch.nn.Linear) and head.out_features == 3
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [f'{mp.head_name(model)}.weight',
+                                                                           f'{mp.head_name(model)}.bias']
+    with torch.inference_mode():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 3)
+
+
+def test_backbone_is_bit_identical_after_training_batchnorm_statistics_included(synthetic_trained):
+    _, checkpoint = synthetic_trained
+    trained = torch.load(checkpoint, weights_only=True)['model']
+    fresh = mp.build_model('resnet18', 2, seed=0).state_dict()  # --weights none: same seed, same init
+    backbone = [k for k in fresh if not k.startswith('fc.')]
+    assert any('running_mean' in k for k in backbone)
+    for k in backbone:
+        assert torch.equal(trained[k], fresh[k]), k
+    assert not torch.equal(trained['fc.weight'], fresh['fc.weight'])
+
+
+def test_run_keeps_a_copy_of_the_best_epoch_not_a_reference_to_live_weights(tmp_path):
+    model = mp.build_model('resnet18', 2)
+    mp.freeze(model)
+    cfg = mp.parse_args(['train', '--out', str(tmp_path)])
+    meta = {'fingerprint': 'x', 'classes': ['a', 'b'], 'config': {}}
+    run = mp.Run(cfg, model, meta, str(tmp_path), 0)
+    opt = torch.optim.Adam(model.fc.parameters())
+    rng = torch.Generator()
+    scores = [0.6, 0.9, 0.7]
+    weights = []
+    for epoch, score in enumerate(scores, 1):
+        with torch.no_grad():
+            model.fc.weight.add_(1.0)  # training changes the live tensors in place
+        weights.append(model.fc.weight.clone())
+        val = {'metrics': {'balanced_accuracy': score, 'loss': 1 - score, 'accuracy': score}, 'threshold': 0.5}
+        run.end_epoch('head', epoch, 3, {'loss': 0.0, 'accuracy': 0.0}, val, opt, rng, 0.0)
+    run.finish()
+    saved = torch.load(tmp_path / 'monkeypox_model.pkl', weights_only=True)
+    assert saved['epoch'] == 2
+    assert torch.equal(saved['model']['fc.weight'], weights[1])
+
+
+# --- checkpoint ------------------------------------------------------------------------------------
+
+def test_checkpoint_is_self_describing_and_loads_with_weights_only(synthetic_trained):
+    _, checkpoint = synthetic_trained
+    ckpt = torch.load(checkpoint, weights_only=True, map_location='cpu')
+    for key in ('model', 'arch', 'classes', 'preprocess', 'positive_class', 'weights', 'config', 'epoch',
+                'metrics', 'split', 'versions', 'threshold'):
+        assert key in ckpt, key
+    assert ckpt['classes'] == ['Monkey Pox', 'Others'] and ckpt['positive_class'] == 'Monkey Pox'
+    assert ckpt['preprocess'] == {'image_size': 224, 'resize': 256, 'mean': list(mp.MEAN), 'std': list(mp.STD)}
+    assert ckpt['model']['fc.weight'].shape == (2, 512)
+    assert set(ckpt['split']['train']).isdisjoint(ckpt['split']['val'])
+    assert ckpt['versions']['torch'] == str(torch.__version__)
+    assert ckpt['metrics']['balanced_accuracy'] == max(r['val_balanced_accuracy'] for r in ckpt['history'])
+
+
+def test_class_map_is_written_and_read_back_as_plain_data(synthetic_trained):
+    _, checkpoint = synthetic_trained
+    path = checkpoint.parent / 'class_dict.pk'
+    assert mp.read_class_map(path) == {0: 'Monkey Pox', 1: 'Others'}
+    with open(path, 'rb') as f:
+        assert pickle.load(f) == {0: 'Monkey Pox', 1: 'Others'}
+
+
+def test_class_map_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / 'pwned'
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+
+    evil = tmp_path / 'class_dict.pk'
+    evil.write_bytes(pickle.dumps({0: 'Monkey Pox', 1: Payload()}))
+    with pytest.raises(mp.UserError, match='refused'):
+        mp.read_class_map(evil)
+    assert not marker.exists()
+
+
+# --- evaluate and predict --------------------------------------------------------------------------
+
+def test_evaluate_uses_the_checkpoints_validation_photos_and_says_so(synthetic_trained, cli):
+    data, checkpoint = synthetic_trained
+    ckpt = torch.load(checkpoint, weights_only=True)
+    r = cli('evaluate', '--data', data, '--checkpoint', checkpoint, '--json')
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    for key in ('accuracy', 'balanced_accuracy', 'sensitivity', 'specificity', 'auc', 'confusion_matrix',
+                'classes', 'n', 'sensitivity_ci', 'specificity_ci', 'threshold'):
+        assert key in m, key
+    assert m['n'] == len(ckpt['split']['val']) and 'validation photos' in m['images']
+    assert m['balanced_accuracy'] == pytest.approx(ckpt['metrics']['balanced_accuracy'], abs=1e-6)
+    assert sum(map(sum, m['confusion_matrix'])) == m['n']
+    every = json.loads(cli('evaluate', '--data', data, '--checkpoint', checkpoint, '--json', '--all').stdout)
+    assert every['n'] == 32 and 'trained on' in every['images']
+
+
+def test_evaluate_scores_any_other_folder_whole_and_prints_screening_metrics(synthetic_trained, tmp_path, cli):
+    _, checkpoint = synthetic_trained
+    other = make_dataset(tmp_path / 'other', per_class=5, seed=7)
+    r = cli('evaluate', '--data', other, '--checkpoint', checkpoint)
+    assert r.returncode == 0, r.stderr
+    assert 'all 10 photos' in r.stdout and 'sensitivity' in r.stdout and 'specificity' in r.stdout
+    assert '95% CI' in r.stdout and 'not a diagnosis' in r.stdout
+
+
+def test_predict_prints_one_line_per_photo_and_json_lines(synthetic_trained, cli):
+    data, checkpoint = synthetic_trained
+    one = data / 'Monkey Pox' / 'P0_1.jpg'
+    r = cli('predict', one, data / 'Others', '--checkpoint', checkpoint, '--no-plot')
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if '\t' in line]
+    assert len(lines) == 17 and lines[0].split('\t')[0] == str(one)
+    r = cli('predict', one, '--checkpoint', checkpoint, '--json', '--no-plot')
+    row = json.loads(r.stdout.strip())
+    assert set(row) >= {'path', 'label', 'probability', 'probabilities'}
+    assert row['label'] in ('Monkey Pox', 'Others')
+    assert sum(row['probabilities'].values()) == pytest.approx(1, abs=1e-5)
+    assert row['probability'] == pytest.approx(row['probabilities'][row['label']])
+
+
+def test_prediction_plot_shows_the_photo_as_a_person_sees_it(synthetic_trained, tmp_path, cli):
+    data, checkpoint = synthetic_trained
+    photo = data / 'Others' / 'P1_1.jpg'
+    plot = tmp_path / 'plot.png'
+    r = cli('predict', photo, '--checkpoint', checkpoint, '--plot', plot)
+    assert r.returncode == 0, r.stderr
+    assert str(plot) in r.stdout
+    pixels = np.asarray(Image.open(plot).convert('RGB')).reshape(-1, 3).astype(int)
+    skin = np.median(np.asarray(Image.open(photo)).reshape(-1, 3), axis=0)
+    # the photo's skin tone fills much of the picture; a normalised tensor would be false colours
+    assert (np.abs(pixels - skin).max(axis=1) < 25).mean() > 0.2
+
+
+def test_the_default_run_follows_the_constants_at_the_top(tmp_path):
+    data = make_dataset(tmp_path / 'monkeypoxdata', per_class=8)
+    script = copy_script(tmp_path)
+    text = script.read_text()
+    for old, new in (("EPOCHS = 10 ", "EPOCHS = 3 "), ("ARCH = 'resnet101'", "ARCH = 'resnet18'"),
+                     ("WEIGHTS = 'auto'", "WEIGHTS = 'none'"), ("VIEWS = 4 ", "VIEWS = 1 ")):
+        assert old in text
+        text = text.replace(old, new)
+    script.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k not in ('DISPLAY', 'WAYLAND_DISPLAY')}
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / 'chk' / 'summary.csv')))
+    assert len(rows) == 3
+    config = json.load(open(tmp_path / 'chk' / 'config.json'))
+    assert config['epochs'] == 3 and config['arch'] == 'resnet18' and config['lr'] == mp.LR
+    assert 'predicting the held-out validation photo' in r.stdout
+    assert (tmp_path / 'chk' / 'prediction.png').exists() and (tmp_path / 'chk' / 'class_dict.pk').exists()
+    assert data.exists()
+
+
+def test_missing_dataset_is_one_line_with_the_layout_and_exit_2(tmp_path, cli):
+    r = cli(cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.count('\n') == 1 and 'monkeypoxdata' in r.stderr and 'download' in r.stderr
+    assert 'Traceback' not in r.stderr
+
+
+def test_weights_that_cannot_be_downloaded_name_the_file_and_the_fix(tmp_path, synthetic, cli):
+    r = cli('train', '--data', synthetic, '--arch', 'resnet18', '--weights', 'DEFAULT', '--out', tmp_path / 'o',
+            env={'TORCH_HOME': str(tmp_path / 'empty_home')}, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert 'resnet18-f37072fd.pth' in r.stderr and str(tmp_path / 'empty_home') in r.stderr
+    assert '--weights' in r.stderr and 'Traceback' not in r.stderr
+
+
+# --- real photos -----------------------------------------------------------------------------------
+
+def test_real_photos_train_with_the_defaults_and_beat_chance_on_held_out_patients(msld, torch_home, tmp_path, cli):
+    env = {'TORCH_HOME': str(torch_home)}
+    out = tmp_path / 'chk'
+    r = cli('train', '--data', msld, '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1', '--out', out, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count('head epoch') == 10
+    m = json.loads(cli('evaluate', '--data', msld, '--checkpoint', out / 'monkeypox_model.pkl', '--json',
+                       env=env).stdout)
+    print('real-data validation:', {k: m[k] for k in ('n', 'accuracy', 'balanced_accuracy', 'sensitivity',
+                                                      'specificity', 'auc')})
+    assert m['n'] == 46
+    assert m['balanced_accuracy'] >= 0.65
+    ckpt = torch.load(out / 'monkeypox_model.pkl', weights_only=True)
+    assert ckpt['weights']['source'] == 'MobileNet_V2_Weights.IMAGENET1K_V1'
+    held_out = msld / ckpt['split']['val'][0]
+    r = cli('predict', held_out, '--checkpoint', out / 'monkeypox_model.pkl', '--json', '--no-plot', env=env)
+    row = json.loads(r.stdout)
+    assert row['path'] == str(held_out) and row['label'] in ('Monkey Pox', 'Others')
