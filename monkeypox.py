@@ -23,7 +23,7 @@ LR = 0.001                  # --lr: Adam learning rate of the new head
 BATCH_SIZE = 32             # --batch-size: photos per head training step
 SEED = 0                    # --seed: validation split, head initialisation, shuffling
 VAL_FRACTION = 0.2          # --val-fraction: share of a flat dataset held out, whole patients at a time
-VIEWS = 4                   # --views: random training crops (RandomResizedCrop + flip) stored per photo; an epoch draws one
+VIEWS = 2                   # --views: random training crops (RandomResizedCrop + flip) stored per photo; an epoch draws one
 PRECISION = 'auto'          # --precision: backbone pass in bf16 where the hardware runs it fast (auto), else fp32
 DEVICE = 'auto'             # --device: cuda when present, else cpu
 WORKERS = -1                # --workers: image decoding processes beside the backbone pass (-1: one per spare core)
@@ -90,10 +90,11 @@ class UserError(Exception):
 
 def say(*args, **kwargs):
     """Progress and reports: stdout, or stderr while stdout carries --json output."""
-    print(*args, **kwargs, file=sys.stderr if say.to_stderr else sys.stdout, flush=True)
+    if not say.muted:
+        print(*args, **kwargs, file=sys.stderr if say.to_stderr else sys.stdout, flush=True)
 
 
-say.to_stderr = False
+say.to_stderr = say.muted = False
 
 
 def warn(message):
@@ -1017,6 +1018,36 @@ def relpaths(photos, root):
     return [os.path.relpath(p.path, root) for p in photos]
 
 
+@dataclasses.dataclass
+class Features:
+    photos: list         # Photos, in row order
+    x: torch.Tensor      # [photos, views, dim] backbone features
+    y: torch.Tensor      # [photos] class indices
+
+    def subset(self, idx):
+        return Features([self.photos[i] for i in idx], self.x[idx], self.y[idx])
+
+
+def photo_features(extractor, photos, views):
+    """Features of the given views of each photo; unreadable photos are reported and left out."""
+    x, failures = extractor.features(photos, views)
+    bad = {path for path, _ in failures}
+    keep = [i for i, p in enumerate(photos) if p.path not in bad]
+    return Features([photos[i] for i in keep], x[keep], torch.tensor([photos[i].label for i in keep])), failures
+
+
+def new_head(in_features, num_classes, seed):
+    torch.manual_seed(seed)  # the same draw as build_model's head: train and cv start alike
+    return nn.Linear(in_features, num_classes)
+
+
+def fit(model, train_f, val_f, classes, positive, cfg, run, resume=None):
+    """Train `model` (a full model, or a bare head on features) and leave it at its best epoch."""
+    fit_head(model, train_f.x, train_f.y, val_f.x[:, 0], val_f.y, classes, positive, cfg, run, resume)
+    model.load_state_dict(run.best['state'], strict=False)
+    return run.best
+
+
 def train(cfg):
     """Train the head (and the unfrozen stages) on --data; returns the checkpoint path and the split."""
     memo = load_memo(cfg.cache)
@@ -1030,16 +1061,11 @@ def train(cfg):
         + (f', then last {cfg.unfreeze} stages fine-tuned' if getattr(cfg, 'unfreeze', 0) else ''))
     t0 = time.time()
     calls = extractor.backbone_calls
-    train_views = [f'train{k}' for k in range(cfg.views)]
-    train_x, bad = extractor.features(split.train, train_views)
-    val_x, bad_val = extractor.features(split.val, [EVAL_VIEW])
-    failures = bad + bad_val
-    if failures:
-        keep_t = [i for i, p in enumerate(split.train) if p.path not in {f[0] for f in failures}]
-        keep_v = [i for i, p in enumerate(split.val) if p.path not in {f[0] for f in failures}]
-        train_x, val_x = train_x[keep_t], val_x[keep_v]
-        drop_unreadable(split, failures)
-        warn(f'{len(failures)} unreadable image(s) skipped; they are listed in the checkpoint')
+    train_f, bad = photo_features(extractor, split.train, [f'train{k}' for k in range(cfg.views)])
+    val_f, bad_val = photo_features(extractor, split.val, [EVAL_VIEW])
+    if bad + bad_val:
+        drop_unreadable(split, bad + bad_val)
+        warn(f'{len(bad + bad_val)} unreadable image(s) skipped; they are listed in the checkpoint')
     say(f'features: {len(split.train)}x{cfg.views} training views + {len(split.val)} validation photos, '
         f'{"computed" if extractor.backbone_calls > calls else "all from cache"} in {time.time() - t0:.1f}s'
         + (f' (cache {extractor.cache.dir})' if extractor.cache.dir else ''))
@@ -1063,10 +1089,8 @@ def train(cfg):
     resume = read_resume(cfg, meta) if cfg.resume else None
     if resume:
         run.restore(resume)
-    train_y = torch.tensor([p.label for p in split.train])
-    val_y = torch.tensor([p.label for p in split.val])
     try:
-        fit_head(model, train_x, train_y, val_x[:, 0], val_y, split.classes, positive, cfg, run, resume)
+        fit(model, train_f, val_f, split.classes, positive, cfg, run, resume)
         run.finish()
     except KeyboardInterrupt:
         saved = (f'best checkpoint so far (epoch {run.best["epoch"]}) in {run.checkpoint}' if run.best else
@@ -1075,10 +1099,13 @@ def train(cfg):
             run.write_best()
         say(f'interrupted: {saved}; resume with --resume')
         raise
-    if not len(val_y):
+    if not len(val_f.y):
         warn('no validation photos: the checkpoint is the last epoch and no accuracy can be claimed')
     say(f'saved {run.checkpoint} (best epoch {run.best["epoch"]}'
-        + (f', val balanced accuracy {run.best["metrics"]["balanced_accuracy"]:.3f}' if len(val_y) else '') + ')')
+        + (f', val balanced accuracy {run.best["metrics"]["balanced_accuracy"]:.3f}' if len(val_f.y) else '')
+        + f', threshold {run.best["threshold"]:.2f})')
+    if not cfg.no_plot:
+        say(f'plot: {plot_curves(run.history, os.path.join(cfg.out, "curves.png"))}')
     return run.checkpoint, split
 
 
@@ -1328,8 +1355,8 @@ def evaluate(cfg):
         warn(f'skipped {reason}')
     scored = [i for i in range(len(photos)) if i in probs]
     threshold = cfg.threshold if cfg.threshold is not None else loaded.ckpt.get('threshold', THRESHOLD)
-    m = metrics([photos[i].label for i in scored], [probs[i] for i in scored], loaded.classes, loaded.positive,
-                threshold)
+    labels, p = [photos[i].label for i in scored], [probs[i] for i in scored]
+    m = metrics(labels, p, loaded.classes, loaded.positive, threshold)
     m.update(images=what, checkpoint=cfg.checkpoint, skipped=failures)
     if cfg.json:
         print(json.dumps(json_ready(m)))
@@ -1337,7 +1364,148 @@ def evaluate(cfg):
         print_metrics(m, f'evaluated {what}\ncheckpoint {cfg.checkpoint} ({loaded.ckpt["arch"]}, epoch '
                          f'{loaded.ckpt.get("epoch")})')
         say(NOT_A_DIAGNOSIS)
+    if not cfg.no_plot:
+        out = cfg.out or os.path.dirname(os.path.abspath(cfg.checkpoint))
+        title = f'{os.path.basename(os.path.normpath(cfg.data))}: {m["n"]} photos'
+        say(f'plot: {plot_confusion(m["confusion_matrix"], loaded.classes, os.path.join(out, "confusion.png"), title)}')
+        if loaded.positive is not None:
+            k = loaded.positive
+            roc = plot_roc([y == k for y in labels], [q[k] for q in p], threshold, os.path.join(out, 'roc.png'),
+                           title, loaded.classes[k])
+            say(f'plot: {roc}')
+        if cfg.sheet:
+            preds = decide(p, loaded.positive, threshold)
+            rows = [{'path': photos[i].path, 'true': y, 'pred': d, 'probs': q}
+                    for i, y, d, q in zip(scored, labels, preds, p)]
+            say(f'plot: {plot_sheet(rows, loaded.classes, os.path.join(out, "sheet.png"))}')
     return m
+
+
+def aggregate(dicts, fn):
+    """fn (mean or sd, NaN ignored) over the same number in each metrics dict; text is kept as it is."""
+    first = dicts[0]
+    if isinstance(first, dict):
+        return {k: aggregate([d[k] for d in dicts], fn) for k in first}
+    if isinstance(first, list) and first and not isinstance(first[0], str):
+        return [aggregate([d[i] for d in dicts], fn) for i in range(len(first))]
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        values = np.array([v for v in dicts if v is not None and not math.isnan(v)], dtype=float)
+        return float(fn(values)) if len(values) else float('nan')
+    return first
+
+
+def cv(cfg):
+    """Grouped, stratified k-fold cross-validation: each fold's head is trained exactly as `train` trains
+    (inner patient-grouped split for the best epoch and the threshold) and scored on its unseen fold."""
+    memo = load_memo(cfg.cache)
+    if os.path.isdir(os.path.join(cfg.data, 'train')):
+        classes, photos = read_photos(os.path.join(cfg.data, 'train'), memo=memo)
+        if os.path.isdir(os.path.join(cfg.data, 'val')):
+            photos += read_photos(os.path.join(cfg.data, 'val'), classes, memo)[1]
+        what = f'{cfg.data}/train + val (test/ left untouched)'
+    else:
+        classes, photos = read_photos(cfg.data, memo=memo)
+        what = cfg.data
+    if len(classes) < 2:
+        raise UserError(f'{cfg.data} has only one class folder; a classifier needs at least two. {LAYOUT_HELP}')
+    spec = resolve_weights(cfg.arch, cfg.weights, cfg.seed, memo)
+    save_memo(cfg.cache, memo)
+    positive = positive_index(classes, cfg.positive_class)
+    extractor = Extractor(cfg, classes, spec)
+    t0 = time.time()
+    train_all, bad = photo_features(extractor, photos, [f'train{k}' for k in range(cfg.views)])
+    eval_all, _ = photo_features(extractor, train_all.photos, [EVAL_VIEW])
+    for path, reason in bad:
+        warn(f'skipped {reason}')
+    photos = train_all.photos
+    folds = grouped_folds(photos, cfg.folds, cfg.seed)
+    say(f'cv: {what}, {len(photos)} photos, {cfg.folds} folds by patient (seed {cfg.seed}); {cfg.arch}, '
+        f'weights {spec.name}, features in {time.time() - t0:.1f}s')
+    results, labels, probs, preds = [], [], [], []
+    for k in range(cfg.folds):
+        test_idx = [i for i, f in enumerate(folds) if f == k]
+        rest = [i for i, f in enumerate(folds) if f != k]
+        inner_train, inner_val = grouped_split([photos[i] for i in rest], cfg.val_fraction, cfg.seed)
+        pos = {p.path: i for i, p in enumerate(photos)}
+        tr, va = [pos[p.path] for p in inner_train], [pos[p.path] for p in inner_val]
+        head = new_head(train_all.x.shape[-1], len(classes), cfg.seed)
+        run = Run(cfg, head, None, None, positive)
+        with quiet():
+            best = fit(head, train_all.subset(tr), eval_all.subset(va), classes, positive, cfg, run)
+        with torch.no_grad():
+            p = head(eval_all.x[test_idx, 0].float()).softmax(1).tolist()
+        y = eval_all.y[test_idx].tolist()
+        m = metrics(y, p, classes, positive, best['threshold'])
+        m.update(fold=k + 1, train=len(tr), val=len(va), test=len(test_idx), epoch=best['epoch'])
+        results.append(m)
+        labels += y
+        probs += p
+        preds += decide(p, positive, best['threshold'])
+    mean, sd = aggregate(results, np.mean), aggregate(results, lambda v: np.std(v, ddof=1) if len(v) > 1 else 0.0)
+    pooled = pooled_metrics(labels, preds, probs, classes, positive)
+    report = {'folds': results, 'mean': mean, 'std': sd, 'pooled': pooled, 'data': what, 'arch': cfg.arch,
+              'weights': spec.name, 'seed': cfg.seed, 'config': vars(cfg)}
+    if cfg.json:
+        print(json.dumps(json_ready(report)))
+    else:
+        print_cv(report, classes, positive)
+    if not cfg.no_plot:
+        out = os.path.join(cfg.out, 'cv')
+        title = f'{cfg.folds}-fold cross-validation, pooled ({len(labels)} photos)'
+        say(f'plot: {plot_confusion(pooled["confusion_matrix"], classes, os.path.join(out, "confusion.png"), title)}')
+        if positive is not None:
+            roc = plot_roc([y == positive for y in labels], [q[positive] for q in probs], None,
+                           os.path.join(out, 'roc.png'), title, classes[positive])
+            say(f'plot: {roc}')
+    return report
+
+
+def pooled_metrics(labels, preds, probs, classes, positive):
+    """Out-of-fold decisions of every fold (each at its own threshold) counted together."""
+    C = len(classes)
+    cm = [[0] * C for _ in range(C)]
+    for y, p in zip(labels, preds):
+        cm[y][p] += 1
+    out = {'n': len(labels), 'confusion_matrix': cm,
+           'accuracy': sum(cm[k][k] for k in range(C)) / len(labels)}
+    if positive is not None:
+        P, tp = sum(cm[positive]), cm[positive][positive]
+        N = len(labels) - P
+        tn = sum(cm[r][c] for r in range(C) for c in range(C) if r != positive and c != positive)
+        out.update(sensitivity=tp / P if P else float('nan'), sensitivity_ci=wilson(tp, P),
+                   specificity=tn / N if N else float('nan'), specificity_ci=wilson(tn, N),
+                   auc=roc_auc([y == positive for y in labels], [p[positive] for p in probs]))
+    return out
+
+
+def print_cv(report, classes, positive):
+    f = lambda x: 'n/a' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{x:.3f}'  # noqa: E731
+    keys = ['accuracy', 'balanced_accuracy'] + (['sensitivity', 'specificity', 'auc'] if positive is not None else [])
+    names = {'accuracy': 'accuracy', 'balanced_accuracy': 'balanced', 'sensitivity': 'sensitivity',
+             'specificity': 'specificity', 'auc': 'ROC AUC'}
+    say('fold  train  val  test  epoch' + ''.join(f'{names[k]:>16}' for k in keys) + '  threshold')
+    for m in report['folds']:
+        say(f'{m["fold"]:4d}  {m["train"]:5d}  {m["val"]:3d}  {m["test"]:4d}  {m["epoch"]:5d}'
+            + ''.join(f'{f(m[k]):>16}' for k in keys) + f'  {m["threshold"]:9.2f}')
+    say('mean ± sd' + ' ' * 20 + ''.join(f'{f(report["mean"][k]) + " ± " + f(report["std"][k]):>16}' for k in keys))
+    p = report['pooled']
+    if positive is not None:
+        ci = lambda c: f'(95% CI {c[0]:.2f}-{c[1]:.2f})'  # noqa: E731
+        say(f'pooled out-of-fold ({p["n"]} photos, {classes[positive]} screened): sensitivity {f(p["sensitivity"])} '
+            f'{ci(p["sensitivity_ci"])}, specificity {f(p["specificity"])} {ci(p["specificity_ci"])}, '
+            f'ROC AUC {f(p["auc"])}')
+    say(NOT_A_DIAGNOSIS)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the per-epoch lines (cv trains many heads and prints one table)."""
+    saved = say.muted
+    say.muted = True
+    try:
+        yield
+    finally:
+        say.muted = saved
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1413,30 +1581,164 @@ def has_display():
 
 def show_or_save(fig, plt, path, to_file):
     if to_file or not has_display():
-        fig.savefig(path, dpi=100, bbox_inches='tight')
-        plt.close(fig)
-        say(f'plot: {path}')
+        say(f'plot: {save_figure(fig, plt, path)}')
     else:
         plt.show()
 
 
 def plot_predictions(results, loaded, cfg):
-    """The photos as a person sees them (not the normalised tensor), with the answer in the title."""
-    shown = results[:16]
+    """The photos as a person sees them (not the normalised tensor), with the answer in the title; with
+    --explain, beside each the crop the model saw with its Grad-CAM heat map of the predicted class."""
+    shown = results[:16 if not cfg.explain else 4]
     to_file = bool(cfg.plot)
     path = cfg.plot or os.path.join(os.path.dirname(os.path.abspath(cfg.checkpoint)), 'prediction.png')
     plt = pyplot(to_file)
-    cols = min(4, len(shown))
-    rows = math.ceil(len(shown) / cols)
+    per = 2 if cfg.explain else 1
+    cols = min(4 // per, len(shown)) * per
+    rows = math.ceil(len(shown) * per / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis('off')
-    for ax, r in zip(axes.flat, shown):
+    for k, r in enumerate(shown):
+        ax = axes.flat[k * per]
         ax.imshow(load_rgb(r['path']))
         ax.set_title(f'{r["label"]} ({r["probability"]:.0%})\n{os.path.basename(r["path"])}', fontsize=10)
+        if cfg.explain:
+            crop, heat = grad_cam(loaded.model, r['path'], loaded.classes.index(r['label']))
+            ax = axes.flat[k * per + 1]
+            ax.imshow(crop)
+            ax.imshow(heat, cmap='jet', alpha=0.45, extent=(-0.5, crop.shape[1] - 0.5, crop.shape[0] - 0.5, -0.5))
+            ax.set_title(f'Grad-CAM: {r["label"]}\n(centre crop the model saw)', fontsize=10)
     fig.text(0.5, 0.0, 'monkeypox.py: a research tool, not a diagnosis', ha='center', fontsize=8)
     show_or_save(fig, plt, path, to_file)
     return path
+
+
+def save_figure(fig, plt, path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
+    plt.close(fig)
+    return path
+
+
+def plot_curves(history, path):
+    """curves.png: training and validation loss and accuracy per epoch."""
+    plt = pyplot(True)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    x = list(range(1, len(history) + 1))
+    for ax, key, name in ((a, 'loss', 'cross-entropy loss'), (b, 'accuracy', 'accuracy')):
+        ax.plot(x, [r[f'train_{key}'] for r in history], 'o-', label='train')
+        ax.plot(x, [r[f'val_{key}'] for r in history], 's-', label='validation')
+        if key == 'accuracy':
+            ax.plot(x, [r['val_balanced_accuracy'] for r in history], '^--', label='validation, balanced')
+        stages = [r['stage'] for r in history]
+        if 'finetune' in stages:
+            ax.axvline(stages.index('finetune') + 0.5, color='grey', lw=0.8, ls=':')
+        ax.set_xlabel('epoch')
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, plt, path)
+
+
+def plot_confusion(cm, classes, path, title):
+    """confusion.png: counts and row percentages, true class down, predicted class across."""
+    plt = pyplot(True)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    rows = np.array(cm, dtype=float)
+    share = rows / np.maximum(rows.sum(1, keepdims=True), 1)
+    ax.imshow(share, cmap='Blues', vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f'{int(rows[i, j])}\n{share[i, j]:.0%}', ha='center', va='center',
+                    color='white' if share[i, j] > 0.6 else 'black', fontsize=12)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel('predicted')
+    ax.set_ylabel('true')
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, plt, path)
+
+
+def plot_roc(y_pos, scores, threshold, path, title, positive_name):
+    """roc.png: the ROC curve of the screened class, AUC in the legend, the operating point marked."""
+    plt = pyplot(True)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    fpr, tpr, _ = roc_curve(y_pos, scores)
+    ax.plot(fpr, tpr, lw=2, label=f'ROC, AUC {roc_auc(y_pos, scores):.3f}')
+    ax.plot([0, 1], [0, 1], color='grey', lw=0.8, ls='--', label='chance')
+    if threshold is not None:
+        P, N = sum(y_pos), len(y_pos) - sum(y_pos)
+        tp = sum(1 for y, s in zip(y_pos, scores) if y and s >= threshold)
+        fp = sum(1 for y, s in zip(y_pos, scores) if not y and s >= threshold)
+        ax.plot(fp / max(N, 1), tp / max(P, 1), 'o', color='red', ms=9,
+                label=f'operating point, threshold {threshold:.2f}')
+    ax.set_xlabel('1 - specificity (false positive rate)')
+    ax.set_ylabel(f'sensitivity for {positive_name}')
+    ax.set_title(title, fontsize=10)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(loc='lower right')
+    fig.tight_layout()
+    return save_figure(fig, plt, path)
+
+
+def plot_sheet(rows, classes, path, most=24):
+    """sheet.png: photos with true and predicted class, mistakes framed in red, worst mistakes first."""
+    rows = sorted(rows, key=lambda r: (r['true'] == r['pred'], -r['probs'][r['pred']] if r['true'] != r['pred']
+                                       else r['probs'][r['pred']]))[:most]
+    plt = pyplot(True)
+    cols = 6
+    nrows = max(1, math.ceil(len(rows) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.2 * cols, 2.6 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis('off')
+    for ax, r in zip(axes.flat, rows):
+        ax.imshow(load_rgb(r['path'], draft=RESIZE))
+        wrong = r['true'] != r['pred']
+        ax.set_title(f'true {classes[r["true"]]}\npred {classes[r["pred"]]} {r["probs"][r["pred"]]:.0%}',
+                     fontsize=7, color='red' if wrong else 'black')
+        if wrong:
+            ax.axis('on')
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor('red')
+                spine.set_linewidth(4)
+    fig.tight_layout()
+    return save_figure(fig, plt, path)
+
+
+def grad_cam(model, path, target):
+    """Grad-CAM (Selvaraju et al. 2017) on the last convolutional stage, with torch hooks: the stage's
+    activations weighted by their mean gradient. The gradient is of the class's log-probability, not its
+    raw score, so evidence shared by all classes (image borders, skin) cancels and what tells this class
+    from the others remains. Returns (crop, heat): the centre crop the model saw and a [0, 1] map."""
+    layer = backbone_stages(model)[-1]
+    saved = {}
+
+    def hook(_, __, out):
+        saved['act'] = out
+        out.register_hook(lambda g: saved.__setitem__('grad', g))
+
+    img = load_rgb(path)
+    crop = T.Compose([T.Resize(RESIZE), T.CenterCrop(IMAGE_SIZE)])(img)
+    x = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])(crop)[None].to(next(model.parameters()).device)
+    x.requires_grad_(True)  # the backbone is frozen: this makes its activations carry gradients
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            model(x).log_softmax(1)[0, target].backward()
+    finally:
+        handle.remove()
+    act, grad = saved['act'].detach(), saved['grad'].detach()
+    cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=(IMAGE_SIZE, IMAGE_SIZE), mode='bilinear', align_corners=False)[0, 0]
+    cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-12)
+    return np.asarray(crop), cam.cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1474,6 +1776,13 @@ def probability(text):
     v = float(text)
     if not 0 <= v <= 1:
         raise argparse.ArgumentTypeError(f'must be between 0 and 1, not {text}')
+    return v
+
+
+def fold_count(text):
+    v = int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f'needs at least 2 folds, not {text}')
     return v
 
 
@@ -1544,16 +1853,24 @@ def build_parser():
     p.add_argument('--data', metavar='DIR', default=IMAGE_PATH, help='dataset or folder of class folders to evaluate on')
     p.add_argument('--all', action='store_true', help='every photo of --data, even those trained on')
     p.add_argument('--json', action='store_true', help='print one JSON object')
+    p.add_argument('--out', metavar='DIR', default='', help='folder for the pictures (default: the checkpoint\'s)')
+    p.add_argument('--sheet', action='store_true', help='also write sheet.png: photos, mistakes first')
+    p.add_argument('--no-plot', action='store_true', help='write no pictures (confusion.png, roc.png)')
     p = sub.add_parser('predict', parents=[checkpoint, common], formatter_class=fmt, help='classify photos')
     p.add_argument('paths', nargs='+', metavar='PATH', help='image files or folders')
     p.add_argument('--json', action='store_true', help='one JSON object per line')
     g = p.add_mutually_exclusive_group()
     g.add_argument('--plot', metavar='FILE', default='', help='save the plot to FILE (PNG)')
     g.add_argument('--no-plot', action='store_true', help='no plot')
+    p.add_argument('--explain', action='store_true', help='add a Grad-CAM heat map of the predicted class')
+    p = sub.add_parser('cv', parents=[training, common], formatter_class=fmt,
+                       help='cross-validation by patient: the accuracy to quote')
+    p.add_argument('--folds', metavar='K', type=fold_count, default=FOLDS, help='folds, whole patients at a time')
+    p.add_argument('--json', action='store_true', help='print one JSON object')
     return parser
 
 
-COMMANDS = ('run', 'train', 'evaluate', 'predict')
+COMMANDS = ('run', 'train', 'evaluate', 'predict', 'cv')
 
 
 def parse_args(argv):
@@ -1564,7 +1881,7 @@ def parse_args(argv):
     command_parser = parser._subparsers._group_actions[0].choices[args.command]
     if getattr(args, 'device', 'cpu').startswith('cuda') and not torch.cuda.is_available():
         command_parser.error(f'--device {args.device}: no CUDA GPU is available here; use --device cpu or auto')
-    if args.command in ('run', 'train'):
+    if args.command in ('run', 'train', 'cv'):
         args.cache = '' if args.no_cache else (args.cache or os.path.join(args.out, 'cache'))
     return args
 
@@ -1580,7 +1897,7 @@ def run_default(cfg):
         image = split.val[0].path
         say(f'{cfg.test_image} does not exist: predicting the held-out validation photo {image} instead')
     args = argparse.Namespace(paths=[image], checkpoint=checkpoint, json=False, plot='', no_plot=cfg.no_plot,
-                              threshold=None, device=cfg.device, precision=cfg.precision)
+                              threshold=None, device=cfg.device, precision=cfg.precision, explain=False)
     predict(args)
 
 
@@ -1591,7 +1908,7 @@ def main(argv=None):
     say.exit_code = 0
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        {'run': run_default, 'train': train, 'evaluate': evaluate, 'predict': predict}[args.command](args)
+        {'run': run_default, 'train': train, 'evaluate': evaluate, 'predict': predict, 'cv': cv}[args.command](args)
     except UserError as e:
         if debug:
             traceback.print_exc()

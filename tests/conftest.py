@@ -20,7 +20,7 @@ REQUIRE_SHARED = os.environ.get('MONKEYPOX_REQUIRE_SHARED') == '1'  # .ci/run se
 sys.path.insert(0, str(REPO))
 
 
-def draw_photo(rng, spot_colour, size=96, spots=3, radius=(6, 12)):
+def draw_photo(rng, spot_colour, size=96, spots=3, radius=(6, 12), margin=0):
     """A skin-toned square with a few coloured round spots, and the spots' (x, y, r)."""
     skin = np.array([224, 180, 150]) + rng.integers(-20, 20, 3)
     a = np.clip(skin + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
@@ -29,7 +29,7 @@ def draw_photo(rng, spot_colour, size=96, spots=3, radius=(6, 12)):
     discs = []
     for _ in range(spots):
         r = int(rng.integers(*radius))
-        x, y = (int(v) for v in rng.integers(r, size - r, 2))
+        x, y = (int(v) for v in rng.integers(r + margin, size - r - margin, 2))
         d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in spot_colour))
         discs.append((x, y, r))
     return img, discs

@@ -1,0 +1,187 @@
+"""Screening-grade evaluation: grouped folds, metrics, the operating point, pictures."""
+import collections
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import monkeypox as mp
+from conftest import make_dataset
+
+
+# --- grouped folds ---------------------------------------------------------------------------------
+
+def test_grouped_folds_keep_patients_together_and_cover_every_photo_once(msld):
+    _, photos = mp.read_photos(str(msld))
+    folds = mp.grouped_folds(photos, 5, seed=0)
+    assert len(folds) == len(photos) and set(folds) == set(range(5))  # each photo in exactly one test fold
+    fold_of_group = {}
+    for p, f in zip(photos, folds):
+        assert fold_of_group.setdefault(mp.group_key(p.path), f) == f, p.path
+    by_sha = collections.defaultdict(set)
+    for p, f in zip(photos, folds):
+        by_sha[p.sha].add(f)
+    assert all(len(fs) == 1 for fs in by_sha.values())  # byte-identical duplicates share a fold
+    for label in (0, 1):
+        n = sum(p.label == label for p in photos)
+        for k in range(5):
+            in_fold = sum(p.label == label and f == k for p, f in zip(photos, folds))
+            assert abs(in_fold - n / 5) <= 1, (label, k, in_fold)
+
+
+def test_grouped_folds_depend_on_the_seed_only(msld):
+    _, photos = mp.read_photos(str(msld))
+    assert mp.grouped_folds(photos, 5, 0) == mp.grouped_folds(photos, 5, 0)
+    assert mp.grouped_folds(photos, 5, 0) != mp.grouped_folds(photos, 5, 1)
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+CLASSES = ['Monkey Pox', 'Others']
+
+
+def two_class(p_pos):
+    return [[p, 1 - p] for p in p_pos]
+
+
+def test_metrics_of_a_perfect_classifier():
+    m = mp.metrics([0, 0, 1, 1, 1], two_class([0.9, 0.6, 0.4, 0.2, 0.1]), CLASSES, 0, 0.5)
+    assert m['accuracy'] == m['balanced_accuracy'] == m['sensitivity'] == m['specificity'] == m['auc'] == 1.0
+    assert m['confusion_matrix'] == [[2, 0], [0, 3]]
+    assert m['n'] == 5 and m['precision'] == {'Monkey Pox': 1.0, 'Others': 1.0}
+
+
+def test_metrics_of_a_classifier_that_calls_everything_negative():
+    m = mp.metrics([0, 0, 1, 1, 1, 1], two_class([0.3, 0.2, 0.1, 0.1, 0.2, 0.3]), CLASSES, 0, 0.5)
+    assert m['confusion_matrix'] == [[0, 2], [0, 4]]
+    assert m['sensitivity'] == 0.0 and m['specificity'] == 1.0
+    assert m['accuracy'] == pytest.approx(4 / 6) and m['balanced_accuracy'] == pytest.approx(0.5)
+    assert math.isnan(m['precision']['Monkey Pox'])  # never predicted: precision undefined, not 0
+    assert m['auc'] == pytest.approx(0.75)  # 2 positives x 4 negatives: 5 wins, 2 ties, 1 loss -> 6/8
+
+
+def test_roc_auc_counts_ties_as_half():
+    assert mp.roc_auc([True, False], [0.5, 0.5]) == 0.5
+    assert mp.roc_auc([True, True, False, False], [0.8, 0.4, 0.4, 0.1]) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
+    assert math.isnan(mp.roc_auc([True, True], [0.1, 0.2]))
+
+
+def test_wilson_intervals_match_known_values():
+    assert mp.wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert mp.wilson(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
+    assert mp.wilson(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert mp.wilson(81, 263) == pytest.approx([0.2553, 0.3662], abs=1e-4)
+    assert all(math.isnan(v) for v in mp.wilson(0, 0))
+
+
+def test_metrics_with_a_third_class_and_no_positive_class():
+    m = mp.metrics([0, 1, 2, 2], [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.1, 0.7], [0.5, 0.3, 0.2]],
+                   ['a', 'b', 'c'], None, 0.5)
+    assert m['confusion_matrix'] == [[1, 0, 0], [0, 1, 0], [1, 0, 1]]
+    assert m['balanced_accuracy'] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert m['sensitivity'] is None and m['auc'] is None
+
+
+# --- operating point -------------------------------------------------------------------------------
+
+def test_target_sensitivity_picks_the_highest_threshold_that_reaches_it_and_decisions_flip_there():
+    y = [True, True, True, True, True, False, False, False]
+    p = [0.95, 0.80, 0.60, 0.40, 0.30, 0.70, 0.35, 0.10]
+    assert mp.select_threshold(y, p, 0.6) == 0.60  # 3 of 5 positives at or above 0.60
+    assert mp.select_threshold(y, p, 0.61) == 0.40  # 4 of 5 needed
+    assert mp.select_threshold(y, p, 1.0) == 0.30
+    t = mp.select_threshold(y, p, 0.8)
+    probs = two_class(p)
+    assert mp.decide(two_class([t]), 0, t) == [0]  # at the threshold: positive
+    assert mp.decide(two_class([t - 1e-6]), 0, t) == [1]  # just below: negative
+    m = mp.metrics([0 if v else 1 for v in y], probs, CLASSES, 0, t)
+    assert m['sensitivity'] == pytest.approx(0.8) and m['specificity'] == pytest.approx(2 / 3)
+
+
+def test_the_training_threshold_is_stored_and_used_by_predict_and_evaluate(tmp_path, cli):
+    data = make_dataset(tmp_path / 'd', per_class=10)
+    out = tmp_path / 'chk'
+    r = cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '3', '--views', '1',
+            '--out', out, '--target-sensitivity', '1.0', '--no-plot')
+    assert r.returncode == 0, r.stderr
+    ckpt = __import__('torch').load(out / 'monkeypox_model.pkl', weights_only=True)
+    m = json.loads(cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--json',
+                       '--no-plot').stdout)
+    assert m['threshold'] == ckpt['threshold'] and m['sensitivity'] == 1.0
+    r = cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--no-plot')
+    assert f'P(Monkey Pox) >= {ckpt["threshold"]:.2f}' in r.stdout
+
+
+# --- pictures --------------------------------------------------------------------------------------
+
+def assert_picture(path, size):
+    img = Image.open(path)
+    img.verify()  # a valid PNG
+    img = Image.open(path)
+    assert img.format == 'PNG' and img.size == size, (path, img.size)
+    assert np.asarray(img.convert('L'), dtype=float).std() > 5, f'{path} looks blank'
+
+
+def test_train_writes_curves_and_summary_and_evaluate_writes_confusion_roc_and_sheet(tmp_path, cli):
+    data = make_dataset(tmp_path / 'd', per_class=10)
+    out = tmp_path / 'chk'
+    r = cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '3', '--views', '1',
+            '--out', out)
+    assert r.returncode == 0, r.stderr
+    assert_picture(out / 'curves.png', (1000, 400))
+    assert len((out / 'summary.csv').read_text().splitlines()) == 4
+    r = cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--sheet', '--out', tmp_path / 'e')
+    assert r.returncode == 0, r.stderr
+    for name, size in (('confusion.png', (550, 450)), ('roc.png', (500, 500))):
+        assert str(tmp_path / 'e' / name) in r.stdout
+        assert_picture(tmp_path / 'e' / name, size)
+    sheet = Image.open(tmp_path / 'e' / 'sheet.png')
+    assert sheet.width == 1320
+    assert_picture(tmp_path / 'e' / 'sheet.png', sheet.size)
+
+
+def test_no_plot_writes_no_pictures(tmp_path, cli):
+    data = make_dataset(tmp_path / 'd', per_class=6)
+    out = tmp_path / 'chk'
+    r = cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '1', '--views', '1',
+            '--out', out, '--no-plot')
+    assert r.returncode == 0, r.stderr
+    r = cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--no-plot')
+    assert r.returncode == 0, r.stderr
+    assert not list(out.glob('*.png'))
+
+
+# --- cross-validation ------------------------------------------------------------------------------
+
+def test_cv_reports_folds_mean_std_and_pooled_metrics_with_the_keys_of_evaluate(tmp_path, cli):
+    data = make_dataset(tmp_path / 'd', per_class=15)
+    r = cli('cv', '--data', data, '--folds', '3', '--arch', 'resnet18', '--weights', 'none', '--epochs', '3',
+            '--views', '1', '--out', tmp_path / 'chk', '--json')
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert len(report['folds']) == 3 and sum(f['test'] for f in report['folds']) == 30
+    evaluate_keys = {'accuracy', 'balanced_accuracy', 'sensitivity', 'specificity', 'auc', 'confusion_matrix',
+                     'classes', 'n'}
+    for part in report['folds'] + [report['mean'], report['std']]:
+        assert evaluate_keys <= set(part)
+    accs = [f['accuracy'] for f in report['folds']]
+    assert report['mean']['accuracy'] == pytest.approx(np.mean(accs))
+    assert report['std']['accuracy'] == pytest.approx(np.std(accs, ddof=1))
+    pooled = report['pooled']
+    assert pooled['n'] == 30 and len(pooled['sensitivity_ci']) == 2
+    assert sum(map(sum, pooled['confusion_matrix'])) == 30
+    assert_picture(tmp_path / 'chk' / 'cv' / 'confusion.png', (550, 450))
+    assert_picture(tmp_path / 'chk' / 'cv' / 'roc.png', (500, 500))
+
+
+def test_cv_on_real_photos_beats_chance_by_a_margin(msld, torch_home, tmp_path, cli):
+    r = cli('cv', '--data', msld, '--folds', '5', '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1',
+            '--out', tmp_path / 'chk', '--json', '--no-plot', env={'TORCH_HOME': str(torch_home)})
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    print('real-data 5-fold cv mean:', {k: round(report['mean'][k], 3) for k in
+                                        ('accuracy', 'balanced_accuracy', 'sensitivity', 'specificity', 'auc')})
+    assert report['pooled']['n'] == 228
+    assert report['mean']['balanced_accuracy'] >= 0.65
