@@ -141,7 +141,11 @@ def atomic_write(path, write):
 
 
 def torch_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save through atomic_write. Serialised in memory first: torch's zip writer reports a full
+    disk as an obscure RuntimeError, a plain file write reports it as the OSError it is."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,7 +201,10 @@ def scan_folder(root):
     if not os.path.isdir(root):
         what = 'is not a folder' if os.path.exists(root) else 'does not exist'
         raise UserError(f'data folder {root} {what}. {LAYOUT_HELP}')
-    folder = PhotoFolder(root)
+    try:
+        folder = PhotoFolder(root)
+    except OSError as e:
+        raise UserError(f'cannot read {e.filename or root}: {e.strerror or e}; check its permissions') from e
     counts = [0] * len(folder.classes)
     for _, label in folder.samples:
         counts[label] += 1
@@ -242,7 +249,10 @@ def to_rgb(im):
 def describe_image_error(path, e):
     """One line naming the file, what is wrong and the fix."""
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f'{path}: image too large ({e}); downscale it below {Image.MAX_IMAGE_PIXELS} pixels'
+        size = re.search(r'\((\d+) pixels\)', str(e))
+        size = f'{int(size.group(1)):,} pixels' if size else 'too many pixels'
+        return (f'{path}: image too large ({size}, above Pillow\'s decompression-bomb limit of '
+                f'{Image.MAX_IMAGE_PIXELS:,}); downscale it')
     if isinstance(e, UnidentifiedImageError) or (isinstance(e, OSError) and 'cannot identify' in str(e)):
         ext = os.path.splitext(path)[1].lower()
         if os.path.getsize(path) == 0:
@@ -437,6 +447,16 @@ class ViewDataset(torch.utils.data.Dataset):
         return i, torch.stack(crops), None
 
 
+def report_skipped(failures, listed_in='', most=10):
+    """One warning per unreadable file, naming it; past `most`, a count."""
+    for _, reason in failures[:most]:
+        warn(f'skipped {reason}')
+    if len(failures) > most:
+        warn(f'skipped {len(failures) - most} more unreadable files')
+    if failures and listed_in:
+        warn(f'{len(failures)} unreadable file(s) skipped in all; they are listed in {listed_in}')
+
+
 def collate_views(batch):
     return batch  # variable numbers of views per photo: the consumer concatenates
 
@@ -531,6 +551,23 @@ def load_state(model, state, strict_head):
                               f'{tuple(own[k].shape)} in the model)', [], [])
     result = model.load_state_dict(state, strict=False, assign=True)
     return result.missing_keys, result.unexpected_keys
+
+
+COMMON_ARCHS = ('resnet101', 'resnet50', 'resnet18', 'resnet34', 'resnet152', 'mobilenet_v2', 'mobilenet_v3_large',
+                'mobilenet_v3_small', 'efficientnet_b0', 'densenet121', 'vgg16', 'convnext_tiny', 'vit_b_16',
+                'wide_resnet50_2', 'resnext50_32x4d')
+
+
+def guess_arch(state, prefer=None):
+    """The torchvision architecture whose tensor names and shapes (classifier aside) match a state_dict."""
+    for arch in dict.fromkeys([a for a in (prefer,) if a] + list(COMMON_ARCHS)):
+        own = construct(arch, meta=True).state_dict()
+        head = head_name(construct(arch, meta=True))
+        body = {k for k in own if not k.startswith(head + '.')}
+        if body == {k for k in state if not k.startswith(head + '.')} and \
+                all(tuple(own[k].shape) == tuple(state[k].shape) for k in body):
+            return arch
+    return None
 
 
 def backbone_stages(model):
@@ -728,6 +765,19 @@ class FeatureCache:
                     p.unlink()
 
 
+def pretrained_model(cfg, spec, num_classes):
+    """--arch with --weights loaded and a fresh head, frozen; wrong weights are a one-line error."""
+    state = load_weights(cfg.arch, spec)
+    try:
+        model = build_model(cfg.arch, num_classes, state, seed=cfg.seed)
+    except WeightsMismatch as e:
+        other = guess_arch(state)
+        hint = f'they look like {other}: pass --arch {other}' if other else f'pass weights made for {cfg.arch}'
+        raise UserError(f'weights {spec.name} {e}; {hint}') from e
+    freeze(model)
+    return model
+
+
 class Extractor:
     """Runs photos through the frozen backbone, once per (photo, view), reading and filling the cache.
     The model is built only when something is missing from the cache: a warm run never builds it."""
@@ -747,13 +797,7 @@ class Extractor:
 
     def model(self):
         if self._model is None:
-            state = load_weights(self.cfg.arch, self.spec)
-            try:
-                self._model = build_model(self.cfg.arch, len(self.classes), state, seed=self.cfg.seed)
-            except WeightsMismatch as e:
-                raise UserError(f'weights {self.spec.name} {e}; pass weights made for {self.cfg.arch} '
-                                f'or the --arch they belong to') from e
-            freeze(self._model)
+            self._model = pretrained_model(self.cfg, self.spec, len(self.classes))
         return self._model
 
     def features(self, photos, views):
@@ -786,7 +830,7 @@ class Extractor:
             ViewDataset(photos, views), batch_size=max(1, cfg.extract_batch_size // max(1, len(views[0]))),
             num_workers=cfg.workers, collate_fn=collate_views, pin_memory=device.type == 'cuda')
         failures, pending_keys, pending = [], [], []
-        last_flush = time.time()
+        last_flush, done_before = time.time(), 0
         n_crops = sum(map(len, views))
         bar = tqdm(total=n_crops, desc=f'extract {cfg.arch} features', unit='crop', disable=None, leave=False)
         try:
@@ -810,14 +854,19 @@ class Extractor:
                     bar.update(sum(len(views[i]) for i, _, _ in batch))
                     if pending and time.time() - last_flush > 30:  # long extractions save as they go
                         self.cache.put(pending_keys, torch.cat(pending))
+                        done_before += len(pending_keys)
                         pending_keys, pending, last_flush = [], [], time.time()
+        except KeyboardInterrupt:
+            kept = len(pending_keys) + done_before
+            say(f'interrupted during feature extraction: {kept} features kept' +
+                (f' in the cache {self.cache.dir}; run the same command again to continue' if self.cache.dir
+                 else ' in memory only (--no-cache): nothing saved') + '; no checkpoint was written by this run')
+            raise
         finally:
             bar.close()
             if pending:  # also on Ctrl-C: what was computed is kept, as complete packs
                 self.cache.put(pending_keys, torch.cat(pending))
             self.cache.compact()
-        for path, reason in failures:
-            warn(f'skipped {reason}')
         return failures
 
 
@@ -1042,10 +1091,83 @@ def new_head(in_features, num_classes, seed):
 
 
 def fit(model, train_f, val_f, classes, positive, cfg, run, resume=None):
-    """Train `model` (a full model, or a bare head on features) and leave it at its best epoch."""
-    fit_head(model, train_f.x, train_f.y, val_f.x[:, 0], val_f.y, classes, positive, cfg, run, resume)
+    """Train `model` (a full model, or a bare head on features): the head on the stored features, then
+    with --unfreeze the last stages on freshly augmented photos. The model leaves at its best epoch."""
+    if not (resume and resume['stage'] == 'finetune'):
+        fit_head(model, train_f.x, train_f.y, val_f.x[:, 0], val_f.y, classes, positive, cfg, run, resume)
+    if cfg.unfreeze:  # fine-tuning starts from the converged head (the last epoch), not an early best
+        finetune(model, train_f, val_f, classes, positive, cfg, run, resume)
     model.load_state_dict(run.best['state'], strict=False)
     return run.best
+
+
+def finetune(model, train_f, val_f, classes, positive, cfg, run, resume=None):
+    """Fine-tune the last --unfreeze stages and the head: Adam with --backbone-lr for the stages and LR
+    for the head, on-the-fly RandomResizedCrop + flip (a new crop of every photo each epoch), BatchNorm
+    in inference mode throughout (Keras's advice for small data: its statistics stay ImageNet's)."""
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    head, stages = freeze(model, cfg.unfreeze)
+    for k, v in model.named_parameters():  # the best so far (head stage) must carry these stages' weights too
+        if v.requires_grad and k not in run.best['state']:
+            run.best['state'][k] = v.detach().clone()
+    model.to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam([{'params': list(head.parameters()), 'lr': cfg.lr},
+                                  {'params': [p for s in stages for p in s.parameters()], 'lr': cfg.backbone_lr}])
+    rng = torch.Generator().manual_seed(cfg.seed + 1)
+    start = 1
+    if resume and resume['stage'] == 'finetune':
+        model.load_state_dict(resume['trainable'], strict=False)
+        optimizer.load_state_dict(resume['optimizer'])
+        rng.set_state(resume['rng'])
+        start = resume['epoch'] + 1
+    for epoch in range(start, cfg.finetune_epochs + 1):
+        t0 = time.time()
+        order = torch.randperm(len(train_f.photos), generator=rng).tolist()
+        photos = [train_f.photos[i] for i in order]
+        # a crop named by the epoch: reproducible, so --resume and every rank see the same pixels
+        data = ViewDataset(photos, [[f'finetune{epoch}']] * len(photos))
+        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                             collate_fn=collate_views, pin_memory=device.type == 'cuda')
+        total, correct, seen = 0.0, 0, 0
+        for batch in tqdm(loader, desc=f'finetune epoch {epoch}', unit='batch', disable=None, leave=False):
+            ok = [(i, x) for i, x, err in batch if err is None]
+            if not ok:
+                continue
+            x = torch.cat([x for _, x in ok]).to(device, non_blocking=True).contiguous(
+                memory_format=torch.channels_last)
+            y = torch.tensor([photos[i].label for i, _ in ok], device=device)
+            with autocast(device, precision):
+                logits = model(x).float()
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        val = None
+        if len(val_f.y):
+            val_logits = lambda: photo_logits(model, val_f.photos, device, precision)  # noqa: E731
+            val = validate(val_logits, val_f.y, classes, positive, cfg)
+        run.end_epoch('finetune', epoch, cfg.finetune_epochs, {'loss': total / max(seen, 1),
+                      'accuracy': correct / max(seen, 1)}, val, optimizer, rng, time.time() - t0)
+    model.cpu()
+
+
+def photo_logits(model, photos, device, precision):
+    """Logits of the full model on the photos' evaluation view, backbone under autocast, head in fp32."""
+    head = model.get_submodule(head_name(model))
+    loader = torch.utils.data.DataLoader(ViewDataset(photos, [[EVAL_VIEW]] * len(photos)),
+                                         batch_size=EXTRACT_BATCH_SIZE, collate_fn=collate_views)
+    out = []
+    with torch.inference_mode():
+        for batch in loader:
+            x = torch.cat([x for _, x, _ in batch]).to(device).contiguous(memory_format=torch.channels_last)
+            with without_head(model), autocast(device, precision):
+                f = model(x)
+            out.append(head(f.to(torch.bfloat16 if precision == 'bf16' else torch.float32).float()).cpu())
+    return torch.cat(out)
 
 
 def train(cfg):
@@ -1058,20 +1180,20 @@ def train(cfg):
     positive = positive_index(split.classes, cfg.positive_class)
     extractor = Extractor(cfg, split.classes, spec)
     say(f'model: {cfg.arch}, weights {spec.name}, {extractor.device.type} {extractor.precision}, frozen backbone'
-        + (f', then last {cfg.unfreeze} stages fine-tuned' if getattr(cfg, 'unfreeze', 0) else ''))
+        + (f', then its last {cfg.unfreeze} stages fine-tuned' if cfg.unfreeze else ''))
     t0 = time.time()
     calls = extractor.backbone_calls
     train_f, bad = photo_features(extractor, split.train, [f'train{k}' for k in range(cfg.views)])
     val_f, bad_val = photo_features(extractor, split.val, [EVAL_VIEW])
     if bad + bad_val:
+        report_skipped(bad + bad_val, listed_in='the checkpoint (split.skipped)')
         drop_unreadable(split, bad + bad_val)
-        warn(f'{len(bad + bad_val)} unreadable image(s) skipped; they are listed in the checkpoint')
     say(f'features: {len(split.train)}x{cfg.views} training views + {len(split.val)} validation photos, '
         f'{"computed" if extractor.backbone_calls > calls else "all from cache"} in {time.time() - t0:.1f}s'
         + (f' (cache {extractor.cache.dir})' if extractor.cache.dir else ''))
     model = extractor._model
     if model is None:  # everything came from the cache: build the model only now, to save it
-        model = build_model(cfg.arch, len(split.classes), load_weights(cfg.arch, spec), seed=cfg.seed)
+        model = pretrained_model(cfg, spec, len(split.classes))
     freeze(model)
     model.cpu()
     meta = {'format': CHECKPOINT_FORMAT, 'version': CHECKPOINT_VERSION, 'arch': cfg.arch,
@@ -1273,10 +1395,9 @@ class Loaded:
 def load_checkpoint(path):
     """A checkpoint written by `train`: its model rebuilt from the file alone."""
     ckpt = safe_torch_load(path)
+    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        ckpt = bare_state_dict_checkpoint(ckpt, path)
     if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
-        if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-            raise UserError(f'{path} is a bare state_dict ({len(ckpt)} tensors) without the class names and '
-                            'preprocessing a checkpoint carries; retrain with `python monkeypox.py train`')
         raise UserError(f'{path} is not a monkeypox.py checkpoint (no "format" entry); '
                         'pass the file `train` wrote (chk/monkeypox_model.pkl)')
     missing = [k for k in ('model', 'arch', 'classes', 'preprocess') if k not in ckpt]
@@ -1286,11 +1407,40 @@ def load_checkpoint(path):
     try:
         model = build_model(ckpt['arch'], len(classes), ckpt['model'], load_head=True)
     except WeightsMismatch as e:
-        raise UserError(f'{path}: its weights {e}; the file is damaged or was edited') from e
+        raise UserError(f'{path}: its weights {e}; the file is damaged, or its {len(classes)} class names '
+                        'do not match its head') from e
     except Exception as e:
         raise UserError(f'{path}: cannot rebuild {ckpt["arch"]} ({e}); this torchvision may lack it') from e
     pc = ckpt.get('positive_class')
     return Loaded(model, ckpt, classes, classes.index(pc) if pc in classes else None, path)
+
+
+def bare_state_dict_checkpoint(state, path):
+    """A bare state_dict (the original script saved one) is usable when the class names can be had
+    from class_dict.pk beside it and the architecture from the tensors; else say how to make it so."""
+    state = {k.removeprefix('module.'): v for k, v in state.items()}
+    class_map = os.path.join(os.path.dirname(os.path.abspath(path)), CLASS_MAP_NAME)
+    arch = guess_arch(state, ARCH)
+    if arch is None:
+        raise UserError(f'{path} is a bare state_dict ({len(state)} tensors) of no architecture this tool knows; '
+                        'retrain with `python monkeypox.py train`')
+    if not os.path.exists(class_map):
+        raise UserError(f'{path} is a bare {arch} state_dict without class names; put its {CLASS_MAP_NAME} '
+                        '(a pickled {index: name} dict) beside it, or retrain with `python monkeypox.py train`')
+    names = read_class_map(class_map)
+    classes = [names[i] for i in range(len(names))]
+    head = head_name(construct(arch, meta=True))
+    outputs = state[f'{head}.weight'].shape[0]
+    if outputs != len(classes):
+        raise UserError(f'{path}: its head has {outputs} outputs but {class_map} names {len(classes)} classes; '
+                        'use the class map written with these weights')
+    warn(f'{path} is a bare state_dict: using {arch} (from its tensors), classes {classes} from {class_map}, '
+         'ImageNet preprocessing and threshold 0.5')
+    positive = positive_index(classes, 'auto')
+    return {'format': CHECKPOINT_FORMAT, 'version': CHECKPOINT_VERSION, 'model': state, 'arch': arch,
+            'classes': classes, 'positive_class': classes[positive] if positive is not None else None,
+            'preprocess': {'image_size': IMAGE_SIZE, 'resize': RESIZE, 'mean': list(MEAN), 'std': list(STD)},
+            'threshold': THRESHOLD}
 
 
 def predict_probs(loaded, photos, device, precision, desc='predict'):
@@ -1351,8 +1501,7 @@ def evaluate(cfg):
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     probs, failures = predict_probs(loaded, photos, device, precision, desc='evaluate')
-    for path, reason in failures:
-        warn(f'skipped {reason}')
+    report_skipped(failures)
     scored = [i for i in range(len(photos)) if i in probs]
     threshold = cfg.threshold if cfg.threshold is not None else loaded.ckpt.get('threshold', THRESHOLD)
     labels, p = [photos[i].label for i in scored], [probs[i] for i in scored]
@@ -1415,28 +1564,42 @@ def cv(cfg):
     t0 = time.time()
     train_all, bad = photo_features(extractor, photos, [f'train{k}' for k in range(cfg.views)])
     eval_all, _ = photo_features(extractor, train_all.photos, [EVAL_VIEW])
-    for path, reason in bad:
-        warn(f'skipped {reason}')
+    report_skipped(bad)
     photos = train_all.photos
     folds = grouped_folds(photos, cfg.folds, cfg.seed)
+    if cfg.unfreeze:
+        model = extractor._model or pretrained_model(cfg, spec, len(classes))
+        model.cpu()
+        base = {k: v.clone() for k, v in model.state_dict().items()}
     say(f'cv: {what}, {len(photos)} photos, {cfg.folds} folds by patient (seed {cfg.seed}); {cfg.arch}, '
         f'weights {spec.name}, features in {time.time() - t0:.1f}s')
     results, labels, probs, preds = [], [], [], []
     for k in range(cfg.folds):
+        t_fold = time.time()
         test_idx = [i for i, f in enumerate(folds) if f == k]
         rest = [i for i, f in enumerate(folds) if f != k]
         inner_train, inner_val = grouped_split([photos[i] for i in rest], cfg.val_fraction, cfg.seed)
         pos = {p.path: i for i, p in enumerate(photos)}
         tr, va = [pos[p.path] for p in inner_train], [pos[p.path] for p in inner_val]
-        head = new_head(train_all.x.shape[-1], len(classes), cfg.seed)
-        run = Run(cfg, head, None, None, positive)
+        if cfg.unfreeze:  # a fresh copy of the pretrained model per fold
+            model.load_state_dict(base)
+            freeze(model)
+        else:  # the frozen backbone's features are all a head needs
+            model = new_head(train_all.x.shape[-1], len(classes), cfg.seed)
+        run = Run(cfg, model, None, None, positive)
         with quiet():
-            best = fit(head, train_all.subset(tr), eval_all.subset(va), classes, positive, cfg, run)
-        with torch.no_grad():
-            p = head(eval_all.x[test_idx, 0].float()).softmax(1).tolist()
+            best = fit(model, train_all.subset(tr), eval_all.subset(va), classes, positive, cfg, run)
+            if cfg.unfreeze:
+                p = photo_logits(model, [photos[i] for i in test_idx], extractor.device, extractor.precision)
+            else:
+                p = model(eval_all.x[test_idx, 0].float())
+            p = p.detach().softmax(1).tolist()
         y = eval_all.y[test_idx].tolist()
         m = metrics(y, p, classes, positive, best['threshold'])
-        m.update(fold=k + 1, train=len(tr), val=len(va), test=len(test_idx), epoch=best['epoch'])
+        m.update(fold=k + 1, train=len(tr), val=len(va), test=len(test_idx), epoch=best['epoch'],
+                 stage=best['stage'], seconds=time.time() - t_fold)
+        say(f'fold {k + 1}/{cfg.folds}: balanced accuracy {m["balanced_accuracy"]:.3f} ({best["stage"]} epoch '
+            f'{best["epoch"]}, {time.time() - t_fold:.0f}s)')
         results.append(m)
         labels += y
         probs += p
@@ -1512,23 +1675,26 @@ def quiet():
 # Predict
 
 def collect_images(paths):
-    """Image files named on the command line or found (recursively) in named folders; problems as lines."""
+    """Image files named on the command line or found (recursively) in named folders, and [path, problem]
+    for each path that gave none."""
     files, problems = [], []
     for p in paths:
         if os.path.isdir(p):
             found = sorted(os.path.join(d, f) for d, dirs, fs in os.walk(p) for f in fs if is_image_file(f)
                            and not any(is_hidden(part) for part in Path(os.path.relpath(d, p)).parts))
             if not found:
-                problems.append(f'{p}: folder holds no images ({", ".join(IMAGE_EXTENSIONS[:5])}, ...)')
+                problems.append([p, f'{p}: folder holds no images ({", ".join(IMAGE_EXTENSIONS[:5])}, ...)'])
             files += found
         elif os.path.isfile(p):
             files.append(p)
         else:
-            problems.append(f'{p}: no such file or folder')
+            problems.append([p, f'{p}: no such file or folder'])
     return files, problems
 
 
 def predict(cfg):
+    """Classify photos: one line (or JSON object) per photo; unreadable ones are reported and skipped,
+    and the exit code is 2 only when nothing could be predicted."""
     files, problems = collect_images(cfg.paths)
     loaded = load_checkpoint(cfg.checkpoint) if files else None
     results = []
@@ -1537,29 +1703,30 @@ def predict(cfg):
         precision = resolve_precision(cfg.precision, device)
         photos = [Photo(f, -1, '') for f in files]
         probs, failures = predict_probs(loaded, photos, device, precision)
-        problems += [reason for _, reason in failures]
+        problems += failures
         threshold = cfg.threshold if cfg.threshold is not None else loaded.ckpt.get('threshold', THRESHOLD)
         for i, f in enumerate(files):
-            if i not in probs:
-                continue
-            label = decide([probs[i]], loaded.positive, threshold)[0]
-            results.append({'path': f, 'label': loaded.classes[label], 'probability': probs[i][label],
-                            'probabilities': dict(zip(loaded.classes, probs[i]))})
+            if i in probs:
+                label = decide([probs[i]], loaded.positive, threshold)[0]
+                results.append({'path': f, 'label': loaded.classes[label], 'probability': probs[i][label],
+                                'probabilities': dict(zip(loaded.classes, probs[i]))})
     for r in results:
         if cfg.json:
-            print(json.dumps(r))
+            print(json.dumps(r), flush=True)
         else:
             say(f'{r["path"]}\t{r["label"]}\t{r["probability"]:.3f}')
-    for line in problems:
-        print(f'error: {line}', file=sys.stderr)
+    for path, line in problems:
+        if cfg.json:
+            print(json.dumps({'path': path, 'error': line}), flush=True)
+        print(f'error: {line}', file=sys.stderr, flush=True)
     if not results:
-        raise UserError('nothing could be predicted' + ('' if problems else ': no paths given'))
+        raise UserError('nothing could be predicted' + (f' ({len(problems)} problems above)' if problems else ''))
+    if problems:
+        say(f'{len(results)} photos predicted, {len(problems)} could not be')
     if not cfg.json:
         say(NOT_A_DIAGNOSIS)
     if not cfg.no_plot:
         plot_predictions(results, loaded, cfg)
-    if problems:
-        say.exit_code = 2  # some failed: the rest are printed, the exit code still tells
     return results
 
 
@@ -1831,6 +1998,12 @@ def build_parser():
                           help='P(positive class) at or above which a photo is called positive')
     training.add_argument('--target-sensitivity', metavar='S', type=probability, default=TARGET_SENSITIVITY,
                           help='if > 0: highest threshold reaching this validation sensitivity')
+    training.add_argument('--unfreeze', metavar='N', type=non_negative_int, default=UNFREEZE,
+                          help='also fine-tune the last N backbone stages after the head (0: frozen backbone)')
+    training.add_argument('--finetune-epochs', metavar='N', type=positive_int, default=FINETUNE_EPOCHS,
+                          help='epochs of fine-tuning with --unfreeze')
+    training.add_argument('--backbone-lr', metavar='X', type=positive_float, default=BACKBONE_LR,
+                          help='Adam learning rate of the unfrozen stages')
     training.add_argument('--resume', action='store_true', help='continue an interrupted run in --out')
     training.add_argument('--no-plot', action='store_true', help='write no pictures')
 
@@ -1901,12 +2074,15 @@ def run_default(cfg):
     predict(args)
 
 
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # `kill` stops a run as Ctrl-C does: what is done is saved, nothing is half-written
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     debug = getattr(args, 'debug', False) or os.environ.get('MONKEYPOX_DEBUG') == '1'
     say.to_stderr = getattr(args, 'json', False)
-    say.exit_code = 0
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         {'run': run_default, 'train': train, 'evaluate': evaluate, 'predict': predict, 'cv': cv}[args.command](args)
     except UserError as e:
@@ -1920,7 +2096,7 @@ def main(argv=None):
     except BrokenPipeError:  # `... | head` closed stdout: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    return say.exit_code
+    return 0
 
 
 if __name__ == '__main__':
