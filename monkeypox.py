@@ -794,6 +794,7 @@ class Extractor:
         self.cache = FeatureCache(cfg.cache or None, key, self.about)
         self._model = None
         self.backbone_calls = 0  # batches that went through the backbone (the tests count them)
+        self.crops, self.seconds = 0, 0.0  # crops computed, and the wall time it took (the benchmark reads it)
 
     def model(self):
         if self._model is None:
@@ -822,6 +823,7 @@ class Extractor:
         return torch.bfloat16 if self.precision == 'bf16' else torch.float32
 
     def _extract(self, photos, views):
+        t0 = time.perf_counter()
         model, device, cfg = self.model(), self.device, self.cfg
         model.to(device)
         if device.type == 'cuda' or self.precision == 'bf16':
@@ -849,6 +851,7 @@ class Extractor:
                         with autocast(device, self.precision):
                             f = model(x)
                         self.backbone_calls += 1
+                        self.crops += len(x)
                         pending.append(f.to(self.feature_dtype()).cpu())
                         pending_keys += keys
                     bar.update(sum(len(views[i]) for i, _, _ in batch))
@@ -867,6 +870,7 @@ class Extractor:
             if pending:  # also on Ctrl-C: what was computed is kept, as complete packs
                 self.cache.put(pending_keys, torch.cat(pending))
             self.cache.compact()
+            self.seconds += time.perf_counter() - t0
         return failures
 
 
@@ -1182,15 +1186,15 @@ def train(cfg):
     say(f'model: {cfg.arch}, weights {spec.name}, {extractor.device.type} {extractor.precision}, frozen backbone'
         + (f', then its last {cfg.unfreeze} stages fine-tuned' if cfg.unfreeze else ''))
     t0 = time.time()
-    calls = extractor.backbone_calls
     train_f, bad = photo_features(extractor, split.train, [f'train{k}' for k in range(cfg.views)])
     val_f, bad_val = photo_features(extractor, split.val, [EVAL_VIEW])
     if bad + bad_val:
         report_skipped(bad + bad_val, listed_in='the checkpoint (split.skipped)')
         drop_unreadable(split, bad + bad_val)
-    say(f'features: {len(split.train)}x{cfg.views} training views + {len(split.val)} validation photos, '
-        f'{"computed" if extractor.backbone_calls > calls else "all from cache"} in {time.time() - t0:.1f}s'
-        + (f' (cache {extractor.cache.dir})' if extractor.cache.dir else ''))
+    done = (f'{extractor.crops} crops computed at {extractor.crops / extractor.seconds:.1f} crops/s'
+            if extractor.crops else 'all from cache')
+    say(f'features: {len(split.train)}x{cfg.views} training views + {len(split.val)} validation photos, {done}, '
+        f'{time.time() - t0:.1f}s' + (f' (cache {extractor.cache.dir})' if extractor.cache.dir else ''))
     model = extractor._model
     if model is None:  # everything came from the cache: build the model only now, to save it
         model = pretrained_model(cfg, spec, len(split.classes))
