@@ -23,6 +23,7 @@ LR = 0.001                  # --lr: Adam learning rate of the new head
 BATCH_SIZE = 32             # --batch-size: photos per head training step
 SEED = 0                    # --seed: validation split, head initialisation, shuffling
 VAL_FRACTION = 0.2          # --val-fraction: share of a flat dataset held out, whole patients at a time
+CROP_SCALE = 0.08           # --crop-scale: smallest share of a photo's area a RandomResizedCrop keeps
 VIEWS = 2                   # --views: random training crops (RandomResizedCrop + flip) stored per photo; an epoch draws one
 PRECISION = 'auto'          # --precision: backbone pass in bf16 where the hardware runs it fast (auto), else fp32
 DEVICE = 'auto'             # --device: cuda when present, else cpu
@@ -36,6 +37,7 @@ UNFREEZE = 0                # --unfreeze: last backbone stages fine-tuned after 
 FINETUNE_EPOCHS = 10        # --finetune-epochs: epochs of fine-tuning when UNFREEZE > 0
 BACKBONE_LR = 0.0001        # --backbone-lr: learning rate of the unfrozen stages (the head keeps LR)
 FOLDS = 5                   # --folds: folds of `cv`, whole patients at a time
+TEST_FRACTION = 0.2         # `download`: share of the photos held out in test/ (and VAL_FRACTION in val/)
 IMAGE_SIZE = 224            # side of the square crop the backbone sees
 RESIZE = 256                # evaluation resizes the short side to this, then centre-crops IMAGE_SIZE
 MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation the pretrained backbones expect
@@ -55,6 +57,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -80,6 +83,12 @@ EVAL_VIEW = 'eval'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp',
                     '.ppm', '.pgm', '.heic', '.heif', '.avif')  # .heic and friends are reported, not silently ignored
 DATASET_URL = 'https://github.com/ShamsNafisaAli/Monkeypox-Skin-Lesion-Dataset'
+ARCHIVE_URL = ('https://github.com/ShamsNafisaAli/Monkeypox-Skin-Lesion-Dataset/raw/'
+               '365f48b825a1f906f1e477453e7a0d153bf99b74/Original%20Images.rar')  # the 228 original photos
+ARCHIVE_BYTES, ARCHIVE_MD5 = 1_476_879, '09bd765cb91e6658ff27f83fa869c65c'
+DATASET_CITATION = ('Ali, S. N., Ahmed, M. T., Paul, J., Jahan, T., Sani, S. M. S., Noor, N., Hasan, T. (2022). '
+                    'Monkeypox Skin Lesion Detection Using Deep Learning Models: A Feasibility Study. '
+                    'arXiv:2207.03342')
 NOT_A_DIAGNOSIS = 'Research tool, not a diagnosis: a photo classifier cannot replace a clinician or a PCR test.'
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated download is an error, never a half-grey photo
 
@@ -408,8 +417,9 @@ def eval_transform():
     return T.Compose([T.Resize(RESIZE), T.CenterCrop(IMAGE_SIZE), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-def train_transform():
-    return T.Compose([T.RandomResizedCrop(IMAGE_SIZE), T.RandomHorizontalFlip(), T.ToTensor(),
+def train_transform(crop_scale=None):
+    scale = (CROP_SCALE if crop_scale is None else crop_scale, 1.0)
+    return T.Compose([T.RandomResizedCrop(IMAGE_SIZE, scale=scale), T.RandomHorizontalFlip(), T.ToTensor(),
                       T.Normalize(MEAN, STD)])
 
 
@@ -423,9 +433,9 @@ class ViewDataset(torch.utils.data.Dataset):
     """Item i: photo i decoded once and cut into the views asked for ('eval', or a named random view).
     Unreadable photos come back as an error line instead of raising, so one bad file skips one photo."""
 
-    def __init__(self, photos, views):
+    def __init__(self, photos, views, crop_scale=None):
         self.photos, self.views = photos, views
-        self.eval_tf, self.train_tf = eval_transform(), train_transform()
+        self.eval_tf, self.train_tf = eval_transform(), train_transform(crop_scale)
 
     def __len__(self):
         return len(self.photos)
@@ -463,6 +473,112 @@ def collate_views(batch):
 
 def default_workers():
     return max(0, min(4, (os.cpu_count() or 1) - 1)) if WORKERS < 0 else WORKERS
+
+
+def download(cfg):
+    """Fetch the authors' archive of the MSLD photos, verify it, and lay it out as train/ val/ test/ by
+    patient. Everything happens in a temporary folder beside --dest, renamed into place at the end:
+    an interrupted or failed download leaves --dest as it was."""
+    dest = Path(cfg.dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not cfg.force:
+        raise UserError(f'{dest} exists and is not empty; pass --force to replace it, or choose --dest')
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f'.{dest.name}-download-', dir=dest.parent))
+    try:
+        archive = work / 'archive.rar'
+        fetch(cfg.url, archive)
+        size, md5 = archive.stat().st_size, hashlib.md5(archive.read_bytes()).hexdigest()
+        if (size, md5) != (ARCHIVE_BYTES, ARCHIVE_MD5):
+            raise UserError(f'{cfg.url}: got {size:,} bytes with md5 {md5}, expected {ARCHIVE_BYTES:,} bytes with '
+                            f'md5 {ARCHIVE_MD5}; the download is damaged or not the MSLD archive. Nothing was written '
+                            f'to {dest}')
+        extract_rar(archive, work / 'all')
+        layout_dataset(work / 'all', work / 'out', cfg.seed)
+        if dest.exists():
+            old = work / 'replaced'
+            os.replace(dest, old)
+        os.replace(work / 'out', dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    say(f'{dest}: the 228 MSLD photos in train/ val/ test/ (split by patient, seed {cfg.seed}; {dest / "SPLIT.csv"}); '
+        f'license CC BY-NC, see {dest / "LICENSE.txt"}')
+    return dest
+
+
+def fetch(url, path):
+    """Download url (http, https, file, or a local path) to path, with a progress bar and a timeout."""
+    import urllib.error
+    import urllib.request
+    if os.path.exists(url):
+        url = Path(url).resolve().as_uri()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(path, 'wb') as f:
+            total = int(response.headers.get('Content-Length') or 0) or None
+            with tqdm(total=total, unit='B', unit_scale=True, desc='download', disable=None, leave=False) as bar:
+                for chunk in iter(lambda: response.read(1 << 16), b''):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, 'reason', None) or e
+        raise UserError(f'cannot download {url}: {reason}. Check the network, or fetch the file by hand and pass '
+                        '--url PATH') from e
+
+
+def safe_member(name):
+    """An archive member's path as parts, refusing any that would land outside the destination."""
+    name = name.replace('\\', '/')
+    parts = [p for p in name.split('/') if p not in ('', '.')]
+    if name.startswith('/') or re.match(r'^[A-Za-z]:', name) or '..' in parts:
+        raise UserError(f'archive member {name!r} would be written outside the destination; refusing the archive')
+    return parts
+
+
+def extract_rar(archive, out):
+    """Images of a RAR archive as out/<class folder>/<file>, every member name checked first."""
+    try:
+        from unrar.cffi import rarfile
+    except ImportError as e:
+        raise UserError('`download` reads RAR archives with unrar2-cffi: pip install -r requirements.txt') from e
+    try:
+        rar = rarfile.RarFile(str(archive))
+        members = [(info, safe_member(info.filename)) for info in rar.infolist()]
+        for info, parts in members:
+            if info.is_dir() or not is_image_file(parts[-1]) or len(parts) < 2:
+                continue
+            target = Path(out, parts[-2], parts[-1])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(rar.read(info))
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f'{archive}: cannot read the RAR archive ({e})') from e
+
+
+def layout_dataset(src, out, seed):
+    """train/ val/ test/ by patient and class (test: TEST_FRACTION, val: VAL_FRACTION of all photos), a copy
+    of one test photo as test/test.jpg (TEST_IMAGE), SPLIT.csv and the dataset's license and citation."""
+    classes, photos = read_photos(str(src))
+    rest, test = grouped_split(photos, TEST_FRACTION, seed)
+    train, val = grouped_split(rest, VAL_FRACTION / (1 - TEST_FRACTION), seed)
+    rows = []
+    for name, part in (('train', train), ('val', val), ('test', test)):
+        for p in part:
+            rel = Path(name, classes[p.label], os.path.basename(p.path))
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p.path, out / rel)
+            rows.append({'path': rel.as_posix(), 'class': classes[p.label], 'split': name,
+                         'patient': '/'.join(group_key(p.path)), 'sha256': p.sha})
+    shutil.copyfile(test[0].path, out / 'test' / 'test.jpg')
+    with open(out / 'SPLIT.csv', 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / 'LICENSE.txt').write_text(
+        'Monkeypox Skin Lesion Dataset (MSLD), original images.\n'
+        f'Source: {DATASET_URL}\nLicense: CC BY-NC 4.0 (non-commercial use, with attribution).\n'
+        f'Cite: {DATASET_CITATION}\n'
+        'The photos were collected by the authors from news portals, websites and case reports.\n'
+        f'test/test.jpg is a copy of test/{classes[test[0].label]}/{os.path.basename(test[0].path)}.\n')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -789,7 +905,7 @@ class Extractor:
         self.about = {'arch': cfg.arch, 'weights': spec.name, 'weights_id': spec.ident,
                       'precision': self.precision, 'device': self.device.type, 'torch': str(torch.__version__),
                       'torchvision': torchvision.__version__,
-                      'eval_transform': repr(eval_transform()), 'train_transform': repr(train_transform())}
+                      'eval_transform': repr(eval_transform()), 'train_transform': repr(train_transform(cfg.crop_scale))}
         key = hashlib.sha256(json.dumps(self.about, sort_keys=True).encode()).hexdigest()[:16]
         self.cache = FeatureCache(cfg.cache or None, key, self.about)
         self._model = None
@@ -829,7 +945,7 @@ class Extractor:
         if device.type == 'cuda' or self.precision == 'bf16':
             model.to(memory_format=torch.channels_last)  # measured faster for bf16 convolutions here
         loader = torch.utils.data.DataLoader(
-            ViewDataset(photos, views), batch_size=max(1, cfg.extract_batch_size // max(1, len(views[0]))),
+            ViewDataset(photos, views, cfg.crop_scale), batch_size=max(1, cfg.extract_batch_size // max(1, len(views[0]))),
             num_workers=cfg.workers, collate_fn=collate_views, pin_memory=device.type == 'cuda')
         failures, pending_keys, pending = [], [], []
         last_flush, done_before = time.time(), 0
@@ -1130,7 +1246,7 @@ def finetune(model, train_f, val_f, classes, positive, cfg, run, resume=None):
         order = torch.randperm(len(train_f.photos), generator=rng).tolist()
         photos = [train_f.photos[i] for i in order]
         # a crop named by the epoch: reproducible, so --resume and every rank see the same pixels
-        data = ViewDataset(photos, [[f'finetune{epoch}']] * len(photos))
+        data = ViewDataset(photos, [[f'finetune{epoch}']] * len(photos), cfg.crop_scale)
         loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers,
                                              collate_fn=collate_views, pin_memory=device.type == 'cuda')
         total, correct, seen = 0.0, 0, 0
@@ -1990,6 +2106,8 @@ def build_parser():
     training.add_argument('--seed', metavar='N', type=int, default=SEED, help='split, initialisation and shuffling')
     training.add_argument('--val-fraction', metavar='F', type=open_fraction, default=VAL_FRACTION,
                           help='validation share of a flat dataset, whole patients at a time')
+    training.add_argument('--crop-scale', metavar='F', type=open_fraction, default=CROP_SCALE,
+                          help='smallest share of the photo a training crop keeps')
     training.add_argument('--views', metavar='K', type=positive_int, default=VIEWS, help='random training crops per photo')
     training.add_argument('--extract-batch-size', metavar='N', type=positive_int, default=EXTRACT_BATCH_SIZE,
                           help='crops per backbone pass')
@@ -2040,6 +2158,12 @@ def build_parser():
     g.add_argument('--plot', metavar='FILE', default='', help='save the plot to FILE (PNG)')
     g.add_argument('--no-plot', action='store_true', help='no plot')
     p.add_argument('--explain', action='store_true', help='add a Grad-CAM heat map of the predicted class')
+    p = sub.add_parser('download', formatter_class=fmt, help='fetch the public MSLD photos (CC BY-NC)')
+    p.add_argument('--dest', metavar='DIR', default=IMAGE_PATH, help='folder to create (train/ val/ test/)')
+    p.add_argument('--url', default=ARCHIVE_URL, help='where the authors\' archive is (URL or file)')
+    p.add_argument('--force', action='store_true', help='replace a non-empty --dest')
+    p.add_argument('--seed', metavar='N', type=int, default=SEED, help='the patient-grouped split')
+    p.add_argument('--debug', action='store_true', help='show tracebacks (or set MONKEYPOX_DEBUG=1)')
     p = sub.add_parser('cv', parents=[training, common], formatter_class=fmt,
                        help='cross-validation by patient: the accuracy to quote')
     p.add_argument('--folds', metavar='K', type=fold_count, default=FOLDS, help='folds, whole patients at a time')
@@ -2047,7 +2171,7 @@ def build_parser():
     return parser
 
 
-COMMANDS = ('run', 'train', 'evaluate', 'predict', 'cv')
+COMMANDS = ('run', 'train', 'evaluate', 'predict', 'cv', 'download')
 
 
 def parse_args(argv):
@@ -2088,7 +2212,8 @@ def main(argv=None):
     say.to_stderr = getattr(args, 'json', False)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        {'run': run_default, 'train': train, 'evaluate': evaluate, 'predict': predict, 'cv': cv}[args.command](args)
+        {'run': run_default, 'train': train, 'evaluate': evaluate, 'predict': predict, 'cv': cv,
+         'download': download}[args.command](args)
     except UserError as e:
         if debug:
             traceback.print_exc()

@@ -12,7 +12,7 @@ from conftest import make_dataset
 
 def config(tmp_path, **over):
     cfg = {'arch': 'resnet18', 'weights': 'none', 'seed': 0, 'device': 'cpu', 'precision': 'auto', 'workers': 0,
-           'extract_batch_size': 8, 'cache': str(tmp_path / 'cache')}
+           'extract_batch_size': 8, 'cache': str(tmp_path / 'cache'), 'crop_scale': None}
     cfg.update(over)
     return argparse.Namespace(**cfg)
 
