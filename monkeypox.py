@@ -42,6 +42,7 @@ IMAGE_SIZE = 224            # side of the square crop the backbone sees
 RESIZE = 256                # evaluation resizes the short side to this, then centre-crops IMAGE_SIZE
 MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation the pretrained backbones expect
 STD = (0.229, 0.224, 0.225)
+DIST_TIMEOUT = 300          # seconds a torchrun rank waits for the others before failing (a rank died)
 CHECKPOINT_SECONDS = 5.0    # a better epoch is written at once, but at most this often (head epochs take milliseconds)
 # ------------------------------------------------------------------------------------------------
 
@@ -49,6 +50,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import datetime
 import hashlib
 import io
 import json
@@ -68,6 +70,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -107,7 +110,8 @@ say.to_stderr = say.muted = False
 
 
 def warn(message):
-    print(f'warning: {message}', file=sys.stderr, flush=True)
+    if is_main():
+        print(f'warning: {message}', file=sys.stderr, flush=True)
 
 
 def sha256_file(path, memo=None):
@@ -147,6 +151,37 @@ def atomic_write(path, write):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+@dataclasses.dataclass
+class Ranks:
+    """Where this process stands under torchrun (rank 0 of 1 without it)."""
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+
+RANKS = Ranks()
+
+
+def is_main():
+    return RANKS.rank == 0
+
+
+def gather(obj):
+    """Every rank's `obj`, in rank order ([obj] in a single process)."""
+    if RANKS.world == 1:
+        return [obj]
+    out = [None] * RANKS.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def my_chunks(n, size):
+    """This rank's share of range(n) in fixed chunks: chunk k is [k*size, (k+1)*size) and rank r takes chunks
+    r, r+W, ...: every item is processed once, in a batch that is the same whatever the number of ranks."""
+    chunks = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+    return chunks[RANKS.rank::RANKS.world]
 
 
 def torch_save(obj, path):
@@ -469,6 +504,13 @@ def report_skipped(failures, listed_in='', most=10):
 
 def collate_views(batch):
     return batch  # variable numbers of views per photo: the consumer concatenates
+
+
+def photo_loader(photos, views, batch_photos, workers, device, crop_scale=None):
+    """This rank's photos, `batch_photos` at a time, decoded in `workers` processes."""
+    return torch.utils.data.DataLoader(ViewDataset(photos, views, crop_scale),
+                                       batch_sampler=my_chunks(len(photos), batch_photos), num_workers=workers,
+                                       collate_fn=collate_views, pin_memory=device.type == 'cuda')
 
 
 def default_workers():
@@ -921,11 +963,16 @@ class Extractor:
         """Features [len(photos), len(views), dim] for the given view names of each photo, and the list of
         [path, reason] for photos that could not be read (their rows are zero)."""
         keys = [[f'{p.sha}:{v}' for v in views] for p in photos]
-        todo = [i for i, ks in enumerate(keys) if any(self.cache.get(k) is None for k in ks)]
-        failures = []
-        if todo:
-            failures = self._extract([photos[i] for i in todo], [[v for v, k in zip(views, keys[i])
-                                                                  if self.cache.get(k) is None] for i in todo])
+        missing = {i: [v for v, k in zip(views, ks) if self.cache.get(k) is None] for i, ks in enumerate(keys)}
+        missing = {i: vs for i, vs in missing.items() if vs}
+        if RANKS.world > 1:  # caches can differ between machines: compute whatever any rank lacks
+            union = {}
+            for part in gather(missing):
+                for i, vs in part.items():
+                    union.setdefault(i, set()).update(vs)
+            missing = {i: [v for v in views if v in union[i]] for i in union}
+        todo = sorted(missing)
+        failures = self._extract([photos[i] for i in todo], [missing[i] for i in todo]) if todo else []
         dim = next((self.cache.get(k).shape[0] for ks in keys for k in ks if self.cache.get(k) is not None), 0)
         out = torch.zeros(len(photos), len(views), dim, dtype=self.feature_dtype())
         for i, ks in enumerate(keys):
@@ -939,18 +986,20 @@ class Extractor:
         return torch.bfloat16 if self.precision == 'bf16' else torch.float32
 
     def _extract(self, photos, views):
+        """Run this rank's share of the photos through the backbone, write its own cache packs, and share
+        the results with the other ranks."""
         t0 = time.perf_counter()
         model, device, cfg = self.model(), self.device, self.cfg
         model.to(device)
         if device.type == 'cuda' or self.precision == 'bf16':
             model.to(memory_format=torch.channels_last)  # measured faster for bf16 convolutions here
-        loader = torch.utils.data.DataLoader(
-            ViewDataset(photos, views, cfg.crop_scale), batch_size=max(1, cfg.extract_batch_size // max(1, len(views[0]))),
-            num_workers=cfg.workers, collate_fn=collate_views, pin_memory=device.type == 'cuda')
-        failures, pending_keys, pending = [], [], []
+        per_batch = max(1, cfg.extract_batch_size // max(map(len, views)))
+        loader = photo_loader(photos, views, per_batch, cfg.workers, device, cfg.crop_scale)
+        failures, pending_keys, pending, own_keys, own = [], [], [], [], []
         last_flush, done_before = time.time(), 0
-        n_crops = sum(map(len, views))
-        bar = tqdm(total=n_crops, desc=f'extract {cfg.arch} features', unit='crop', disable=None, leave=False)
+        mine = sum(len(views[i]) for chunk in my_chunks(len(photos), per_batch) for i in chunk)
+        bar = tqdm(total=mine, desc=f'extract {cfg.arch} features', unit='crop', disable=None if is_main() else True,
+                   leave=False)
         try:
             with torch.inference_mode(), without_head(model):
                 for batch in loader:
@@ -965,11 +1014,13 @@ class Extractor:
                         x = torch.cat(crops).to(device, non_blocking=True).contiguous(
                             memory_format=torch.channels_last)
                         with autocast(device, self.precision):
-                            f = model(x)
+                            f = model(x).to(self.feature_dtype()).cpu()
                         self.backbone_calls += 1
                         self.crops += len(x)
-                        pending.append(f.to(self.feature_dtype()).cpu())
+                        pending.append(f)
                         pending_keys += keys
+                        own.append(f)
+                        own_keys += keys
                     bar.update(sum(len(views[i]) for i, _, _ in batch))
                     if pending and time.time() - last_flush > 30:  # long extractions save as they go
                         self.cache.put(pending_keys, torch.cat(pending))
@@ -983,10 +1034,17 @@ class Extractor:
             raise
         finally:
             bar.close()
-            if pending:  # also on Ctrl-C: what was computed is kept, as complete packs
+            if pending:  # also on Ctrl-C: what was computed is kept, as complete packs (each rank its own)
                 self.cache.put(pending_keys, torch.cat(pending))
-            self.cache.compact()
+            if RANKS.world == 1:
+                self.cache.compact()
             self.seconds += time.perf_counter() - t0
+        if RANKS.world > 1:  # every rank gets every feature; each wrote only its own packs
+            failures = []
+            for r, (keys, feats, fails) in enumerate(gather((own_keys, torch.cat(own) if own else None, failures))):
+                failures += fails
+                if r != RANKS.rank and feats is not None:
+                    self.cache.rows.update(zip(keys, feats))
         return failures
 
 
@@ -1010,7 +1068,8 @@ class Run:
         self.cfg, self.model, self.meta, self.out, self.positive = cfg, model, meta, out, positive
         self.history, self.best, self.best_written = [], None, None
         self.last_write = 0.0
-        self.checkpoint = os.path.join(out, os.path.basename(SAVE_PATH)) if out else None
+        # only rank 0 writes files; every rank keeps the same history and best (their numbers are equal)
+        self.checkpoint = os.path.join(out, os.path.basename(SAVE_PATH)) if out and is_main() else None
 
     def better(self, m):
         if self.best is None:
@@ -1039,7 +1098,7 @@ class Run:
                 self.write_best()
             torch_save({'format': 'monkeypox.py resume', 'fingerprint': self.meta['fingerprint'], 'stage': stage,
                         'epoch': epoch, 'trainable': trainable_state(self.model), 'optimizer': optimizer.state_dict(),
-                        'rng': rng.get_state(), 'history': self.history,
+                        'rng': rng.get_state() if rng is not None else None, 'history': self.history,
                         'best': {k: v for k, v in self.best.items()}}, os.path.join(self.out, RESUME_NAME))
 
     def restore(self, resume):
@@ -1224,7 +1283,8 @@ def fit(model, train_f, val_f, classes, positive, cfg, run, resume=None):
 def finetune(model, train_f, val_f, classes, positive, cfg, run, resume=None):
     """Fine-tune the last --unfreeze stages and the head: Adam with --backbone-lr for the stages and LR
     for the head, on-the-fly RandomResizedCrop + flip (a new crop of every photo each epoch), BatchNorm
-    in inference mode throughout (Keras's advice for small data: its statistics stay ImageNet's)."""
+    in inference mode throughout (Keras's advice for small data: its statistics stay ImageNet's).
+    Under torchrun: DistributedDataParallel, each rank a DistributedSampler share of every batch."""
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     head, stages = freeze(model, cfg.unfreeze)
@@ -1232,33 +1292,39 @@ def finetune(model, train_f, val_f, classes, positive, cfg, run, resume=None):
         if v.requires_grad and k not in run.best['state']:
             run.best['state'][k] = v.detach().clone()
     model.to(device).to(memory_format=torch.channels_last)
+    net = model
+    if RANKS.world > 1:  # gradients averaged across ranks
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     optimizer = torch.optim.Adam([{'params': list(head.parameters()), 'lr': cfg.lr},
                                   {'params': [p for s in stages for p in s.parameters()], 'lr': cfg.backbone_lr}])
-    rng = torch.Generator().manual_seed(cfg.seed + 1)
+    # one sampler for one process or many: its seeded permutation makes the global batches the same
+    sampler = torch.utils.data.DistributedSampler(range(len(train_f.photos)), num_replicas=RANKS.world,
+                                                  rank=RANKS.rank, shuffle=True, seed=cfg.seed)
     start = 1
     if resume and resume['stage'] == 'finetune':
         model.load_state_dict(resume['trainable'], strict=False)
         optimizer.load_state_dict(resume['optimizer'])
-        rng.set_state(resume['rng'])
         start = resume['epoch'] + 1
     for epoch in range(start, cfg.finetune_epochs + 1):
         t0 = time.time()
-        order = torch.randperm(len(train_f.photos), generator=rng).tolist()
-        photos = [train_f.photos[i] for i in order]
+        sampler.set_epoch(epoch)
+        photos = [train_f.photos[i] for i in sampler]
         # a crop named by the epoch: reproducible, so --resume and every rank see the same pixels
         data = ViewDataset(photos, [[f'finetune{epoch}']] * len(photos), cfg.crop_scale)
-        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers,
-                                             collate_fn=collate_views, pin_memory=device.type == 'cuda')
+        loader = torch.utils.data.DataLoader(data, batch_size=max(1, cfg.batch_size // RANKS.world),
+                                             num_workers=cfg.workers, collate_fn=collate_views,
+                                             pin_memory=device.type == 'cuda')
         total, correct, seen = 0.0, 0, 0
-        for batch in tqdm(loader, desc=f'finetune epoch {epoch}', unit='batch', disable=None, leave=False):
-            ok = [(i, x) for i, x, err in batch if err is None]
-            if not ok:
-                continue
-            x = torch.cat([x for _, x in ok]).to(device, non_blocking=True).contiguous(
+        for batch in tqdm(loader, desc=f'finetune epoch {epoch}', unit='batch', disable=None if is_main() else True,
+                          leave=False):
+            bad = [err for _, _, err in batch if err]
+            if bad:  # read fine moments ago, when its features were extracted
+                raise UserError(f'{bad[0]} (it changed during training); fix it and run again with --resume')
+            x = torch.cat([x for _, x, _ in batch]).to(device, non_blocking=True).contiguous(
                 memory_format=torch.channels_last)
-            y = torch.tensor([photos[i].label for i, _ in ok], device=device)
+            y = torch.tensor([photos[i].label for i, _, _ in batch], device=device)
             with autocast(device, precision):
-                logits = model(x).float()
+                logits = net(x).float()
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -1266,28 +1332,31 @@ def finetune(model, train_f, val_f, classes, positive, cfg, run, resume=None):
             total += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
+        total, correct, seen = map(sum, zip(*gather((total, correct, seen))))
         val = None
         if len(val_f.y):
             val_logits = lambda: photo_logits(model, val_f.photos, device, precision)  # noqa: E731
             val = validate(val_logits, val_f.y, classes, positive, cfg)
         run.end_epoch('finetune', epoch, cfg.finetune_epochs, {'loss': total / max(seen, 1),
-                      'accuracy': correct / max(seen, 1)}, val, optimizer, rng, time.time() - t0)
+                      'accuracy': correct / max(seen, 1)}, val, optimizer, None, time.time() - t0)
     model.cpu()
 
 
 def photo_logits(model, photos, device, precision):
-    """Logits of the full model on the photos' evaluation view, backbone under autocast, head in fp32."""
+    """Logits of the full model on the photos' evaluation view (backbone under autocast, head in fp32),
+    computed in batches shared among the ranks."""
     head = model.get_submodule(head_name(model))
-    loader = torch.utils.data.DataLoader(ViewDataset(photos, [[EVAL_VIEW]] * len(photos)),
-                                         batch_size=EXTRACT_BATCH_SIZE, collate_fn=collate_views)
-    out = []
+    out = {}
     with torch.inference_mode():
-        for batch in loader:
+        for batch in photo_loader(photos, [[EVAL_VIEW]] * len(photos), EXTRACT_BATCH_SIZE, 0, device):
             x = torch.cat([x for _, x, _ in batch]).to(device).contiguous(memory_format=torch.channels_last)
             with without_head(model), autocast(device, precision):
                 f = model(x)
-            out.append(head(f.to(torch.bfloat16 if precision == 'bf16' else torch.float32).float()).cpu())
-    return torch.cat(out)
+            logits = head(f.to(torch.bfloat16 if precision == 'bf16' else torch.float32).float()).cpu()
+            out.update(zip([i for i, _, _ in batch], logits))
+    for part in gather(out) if RANKS.world > 1 else []:
+        out.update(part)
+    return torch.stack([out[i] for i in range(len(photos))]) if photos else torch.zeros(0, 0)
 
 
 def train(cfg):
@@ -1295,7 +1364,8 @@ def train(cfg):
     memo = load_memo(cfg.cache)
     split = load_split(cfg.data, cfg.val_fraction, cfg.seed, memo)
     spec = resolve_weights(cfg.arch, cfg.weights, cfg.seed, memo)
-    save_memo(cfg.cache, memo)
+    if is_main():
+        save_memo(cfg.cache, memo)
     print_split(split, f', seed {cfg.seed}, {cfg.val_fraction:.0%} held out' if split.how == 'grouped' else '')
     positive = positive_index(split.classes, cfg.positive_class)
     extractor = Extractor(cfg, split.classes, spec)
@@ -1346,7 +1416,7 @@ def train(cfg):
     say(f'saved {run.checkpoint} (best epoch {run.best["epoch"]}'
         + (f', val balanced accuracy {run.best["metrics"]["balanced_accuracy"]:.3f}' if len(val_f.y) else '')
         + f', threshold {run.best["threshold"]:.2f})')
-    if not cfg.no_plot:
+    if not cfg.no_plot and is_main():
         say(f'plot: {plot_curves(run.history, os.path.join(cfg.out, "curves.png"))}')
     return run.checkpoint, split
 
@@ -1564,19 +1634,17 @@ def bare_state_dict_checkpoint(state, path):
 
 
 def predict_probs(loaded, photos, device, precision, desc='predict'):
-    """Class probabilities of each photo (eval transform), in batches, model and input on one device.
-    Returns (probs list, failures [path, reason]); unreadable photos get no row."""
+    """Class probabilities of each photo (eval transform), in batches shared among the ranks, model and
+    input on one device. Returns ({photo index: probs}, failures [path, reason])."""
     model = loaded.model.to(device)
     if device.type == 'cuda' or precision == 'bf16':
         model.to(memory_format=torch.channels_last)
     head = model.get_submodule(head_name(model))
-    loader = torch.utils.data.DataLoader(ViewDataset(photos, [[EVAL_VIEW]] * len(photos)),
-                                         batch_size=EXTRACT_BATCH_SIZE, num_workers=default_workers()
-                                         if len(photos) > EXTRACT_BATCH_SIZE else 0,
-                                         collate_fn=collate_views, pin_memory=device.type == 'cuda')
+    workers = default_workers() if len(photos) > EXTRACT_BATCH_SIZE else 0
+    loader = photo_loader(photos, [[EVAL_VIEW]] * len(photos), EXTRACT_BATCH_SIZE, workers, device)
     probs, failures = {}, []
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, unit='batch', disable=None, leave=False):
+        for batch in tqdm(loader, desc=desc, unit='batch', disable=None if is_main() else True, leave=False):
             ok = [(i, x) for i, x, err in batch if err is None]
             failures += [[photos[i].path, err] for i, _, err in batch if err]
             if not ok:
@@ -1589,7 +1657,11 @@ def predict_probs(loaded, photos, device, precision, desc='predict'):
             p = head(f.to(torch.bfloat16 if precision == 'bf16' else torch.float32).float()).softmax(1).cpu()
             for (i, _), row in zip(ok, p.tolist()):
                 probs[i] = row
-    return probs, failures
+    merged, all_failures = {}, []
+    for part, fails in gather((probs, failures)):
+        merged.update(part)
+        all_failures += fails
+    return merged, sorted(all_failures)
 
 
 def evaluation_photos(loaded, data, use_all):
@@ -1628,12 +1700,13 @@ def evaluate(cfg):
     m = metrics(labels, p, loaded.classes, loaded.positive, threshold)
     m.update(images=what, checkpoint=cfg.checkpoint, skipped=failures)
     if cfg.json:
-        print(json.dumps(json_ready(m)))
+        if is_main():
+            print(json.dumps(json_ready(m)))
     else:
         print_metrics(m, f'evaluated {what}\ncheckpoint {cfg.checkpoint} ({loaded.ckpt["arch"]}, epoch '
                          f'{loaded.ckpt.get("epoch")})')
         say(NOT_A_DIAGNOSIS)
-    if not cfg.no_plot:
+    if not cfg.no_plot and is_main():
         out = cfg.out or os.path.dirname(os.path.abspath(cfg.checkpoint))
         title = f'{os.path.basename(os.path.normpath(cfg.data))}: {m["n"]} photos'
         say(f'plot: {plot_confusion(m["confusion_matrix"], loaded.classes, os.path.join(out, "confusion.png"), title)}')
@@ -1678,7 +1751,8 @@ def cv(cfg):
     if len(classes) < 2:
         raise UserError(f'{cfg.data} has only one class folder; a classifier needs at least two. {LAYOUT_HELP}')
     spec = resolve_weights(cfg.arch, cfg.weights, cfg.seed, memo)
-    save_memo(cfg.cache, memo)
+    if is_main():
+        save_memo(cfg.cache, memo)
     positive = positive_index(classes, cfg.positive_class)
     extractor = Extractor(cfg, classes, spec)
     t0 = time.time()
@@ -1729,10 +1803,11 @@ def cv(cfg):
     report = {'folds': results, 'mean': mean, 'std': sd, 'pooled': pooled, 'data': what, 'arch': cfg.arch,
               'weights': spec.name, 'seed': cfg.seed, 'config': vars(cfg)}
     if cfg.json:
-        print(json.dumps(json_ready(report)))
+        if is_main():
+            print(json.dumps(json_ready(report)))
     else:
         print_cv(report, classes, positive)
-    if not cfg.no_plot:
+    if not cfg.no_plot and is_main():
         out = os.path.join(cfg.out, 'cv')
         title = f'{cfg.folds}-fold cross-validation, pooled ({len(labels)} photos)'
         say(f'plot: {plot_confusion(pooled["confusion_matrix"], classes, os.path.join(out, "confusion.png"), title)}')
@@ -1831,11 +1906,11 @@ def predict(cfg):
                 results.append({'path': f, 'label': loaded.classes[label], 'probability': probs[i][label],
                                 'probabilities': dict(zip(loaded.classes, probs[i]))})
     for r in results:
-        if cfg.json:
+        if cfg.json and is_main():
             print(json.dumps(r), flush=True)
-        else:
+        elif not cfg.json:
             say(f'{r["path"]}\t{r["label"]}\t{r["probability"]:.3f}')
-    for path, line in problems:
+    for path, line in problems if is_main() else []:
         if cfg.json:
             print(json.dumps({'path': path, 'error': line}), flush=True)
         print(f'error: {line}', file=sys.stderr, flush=True)
@@ -1845,7 +1920,7 @@ def predict(cfg):
         say(f'{len(results)} photos predicted, {len(problems)} could not be')
     if not cfg.json:
         say(NOT_A_DIAGNOSIS)
-    if not cfg.no_plot:
+    if not cfg.no_plot and is_main():
         plot_predictions(results, loaded, cfg)
     return results
 
@@ -2206,26 +2281,63 @@ def stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt  # `kill` stops a run as Ctrl-C does: what is done is saved, nothing is half-written
 
 
+def init_distributed(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs), pin this rank
+    to its local GPU, and let only rank 0 speak."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world <= 1:
+        return
+    if args.command == 'download':
+        raise UserError('download runs in one process: use python monkeypox.py download, not torchrun')
+    RANKS.rank, RANKS.world, RANKS.local = int(os.environ['RANK']), world, int(os.environ.get('LOCAL_RANK', '0'))
+    cuda = getattr(args, 'device', 'cpu') != 'cpu' and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(RANKS.local)
+        args.device = f'cuda:{RANKS.local}'
+    dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(seconds=DIST_TIMEOUT))
+    say.muted = not is_main()
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     debug = getattr(args, 'debug', False) or os.environ.get('MONKEYPOX_DEBUG') == '1'
     say.to_stderr = getattr(args, 'json', False)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
+    who = ''
     try:
+        init_distributed(args)
+        who = f' (rank {RANKS.rank})' if RANKS.world > 1 else ''
         {'run': run_default, 'train': train, 'evaluate': evaluate, 'predict': predict, 'cv': cv,
          'download': download}[args.command](args)
     except UserError as e:
         if debug:
             traceback.print_exc()
-        print(f'monkeypox.py: error: {e}', file=sys.stderr)
+        print(f'monkeypox.py{who}: error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print('monkeypox.py: stopped', file=sys.stderr)
+        print(f'monkeypox.py{who}: stopped', file=sys.stderr)
         return 130
     except BrokenPipeError:  # `... | head` closed stdout: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except (dist.DistError, RuntimeError) as e:
+        if RANKS.world == 1 or not is_lost_peer(e):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f'monkeypox.py{who}: error: lost contact with the other ranks ({str(e).strip().splitlines()[0][:200]}); '
+              'one of them died or stalled: see its log. Files written so far are complete', file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
+
+
+def is_lost_peer(e):
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or any(w in text for w in ('gloo', 'nccl', 'connection', 'timed out',
+                                                                      'timeout', 'peer'))
 
 
 if __name__ == '__main__':

@@ -1,0 +1,116 @@
+"""torchrun: 2 CPU processes (gloo) give the results of one, each photo is processed once, and a killed
+rank fails the run instead of hanging."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import monkeypox as mp
+from conftest import SCRIPT, make_dataset, run_cli
+
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+TINY = ('--arch', 'resnet18', '--weights', 'none', '--no-plot')
+
+
+def torchrun(*args, timeout=600, **kwargs):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    return subprocess.run([*TORCHRUN, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp('dist') / 'data', per_class=16)
+
+
+def test_two_processes_train_exactly_the_same_frozen_head_as_one(data, tmp_path):
+    args = ('train', '--data', data, '--epochs', '10', '--lr', '0.01', '--batch-size', '8', *TINY)
+    one = run_cli(*args, '--out', tmp_path / 'one')
+    two = torchrun(*args, '--out', tmp_path / 'two')
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout.count('head epoch') == 10  # only rank 0 speaks
+    a = torch.load(tmp_path / 'one' / 'monkeypox_model.pkl', weights_only=True)
+    b = torch.load(tmp_path / 'two' / 'monkeypox_model.pkl', weights_only=True)
+    assert mp.json_ready(a['metrics']) == mp.json_ready(b['metrics']) and a['epoch'] == b['epoch']
+    assert a['metrics']['balanced_accuracy'] > 0.5  # it learned something to agree on
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    # each rank wrote its own cache packs, and together they hold every feature once
+    keys = [k for p in (tmp_path / 'two' / 'cache').rglob('pack-*.pt') for k in torch.load(p, weights_only=True)['keys']]
+    assert len(keys) == len(set(keys)) == 24 * 2 + 8  # 24 training photos x 2 views + 8 validation photos
+
+
+def test_two_process_fine_tuning_matches_one_and_checkpoints_load_either_way(data, tmp_path):
+    args = ('train', '--data', data, '--epochs', '2', '--unfreeze', '1', '--finetune-epochs', '2', *TINY)
+    one = run_cli(*args, '--out', tmp_path / 'one')
+    two = torchrun(*args, '--out', tmp_path / 'two')
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    a = torch.load(tmp_path / 'one' / 'monkeypox_model.pkl', weights_only=True)
+    b = torch.load(tmp_path / 'two' / 'monkeypox_model.pkl', weights_only=True)
+    for x, y in zip(a['history'], b['history']):
+        assert x['val_loss'] == pytest.approx(y['val_loss'], abs=2e-3)
+        assert x['val_balanced_accuracy'] == y['val_balanced_accuracy']
+    for k in a['model']:
+        assert torch.allclose(a['model'][k].float(), b['model'][k].float(), atol=2e-3), k
+    photo = data / 'Others' / 'P0_1.jpg'
+    r = run_cli('predict', photo, '--checkpoint', tmp_path / 'two' / 'monkeypox_model.pkl', '--json', '--no-plot')
+    assert r.returncode == 0 and json.loads(r.stdout)['path'] == str(photo)
+    r = torchrun('predict', photo, '--checkpoint', tmp_path / 'one' / 'monkeypox_model.pkl', '--json', '--no-plot')
+    assert r.returncode == 0 and json.loads(r.stdout)['path'] == str(photo)
+
+
+def test_predict_on_a_folder_returns_each_photo_exactly_once(data, tmp_path):
+    run_cli('train', '--data', data, '--epochs', '1', '--out', tmp_path / 'chk', *TINY)
+    r = torchrun('predict', data, '--checkpoint', tmp_path / 'chk' / 'monkeypox_model.pkl', '--json')
+    assert r.returncode == 0, r.stderr
+    paths = [json.loads(line)['path'] for line in r.stdout.splitlines()]
+    assert sorted(paths) == sorted(str(p) for p in data.rglob('*.jpg'))
+
+
+def children(pid):
+    """PIDs whose parent is `pid`."""
+    out = []
+    for stat in Path('/proc').glob('[0-9]*/stat'):
+        try:
+            fields = stat.read_text().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def rank_of(pid):
+    try:
+        env = Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
+    except OSError:
+        return None
+    return next((int(e.split(b'=')[1]) for e in env if e.startswith(b'RANK=')), None)
+
+
+@pytest.mark.skipif(not Path('/proc').is_dir(), reason='finds the ranks through /proc')
+def test_a_killed_rank_fails_the_run_with_a_message_instead_of_hanging(tmp_path):
+    big = make_dataset(tmp_path / 'big', per_class=60)
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen([*TORCHRUN, str(SCRIPT), 'train', '--data', str(big), '--out', str(tmp_path / 'chk'),
+                             '--arch', 'resnet50', '--weights', 'none', '--views', '8', '--no-plot'],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith('model: resnet50'):
+            break
+    time.sleep(2)
+    victims = [p for p in children(proc.pid) if rank_of(p) == 1]
+    assert victims, 'rank 1 not found'
+    t = time.time()
+    os.kill(victims[0], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=180)
+    assert time.time() - t < 120, 'the surviving rank hung'
+    assert proc.returncode != 0
+    assert 'monkeypox.py (rank 0)' in stderr or 'exitcode' in stderr
+    assert 'Traceback' not in stderr.split('Root Cause')[0] or 'ChildFailedError' in stderr
