@@ -161,8 +161,8 @@ def test_fine_tuning_changes_only_the_unfrozen_stages_and_the_head(tmp_path, cli
 
 
 def test_short_real_photo_fine_tuning_beats_the_frozen_heads_validation_loss(msld, torch_home, tmp_path, cli):
-    r = cli('train', '--data', msld, '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1', '--unfreeze', '3',
-            '--finetune-epochs', '4', '--out', tmp_path / 'chk', '--no-plot', env={'TORCH_HOME': str(torch_home)})
+    r = cli('train', '--data', msld, '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1', '--unfreeze', '6',
+            '--finetune-epochs', '6', '--out', tmp_path / 'chk', '--no-plot', env={'TORCH_HOME': str(torch_home)})
     assert r.returncode == 0, r.stderr
     history = torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)['history']
     frozen = min(h['val_loss'] for h in history if h['stage'] == 'head')

@@ -126,3 +126,17 @@ def test_cached_and_fresh_features_train_the_same_head(tmp_path, cli):
         heads.append(torch.load(tmp_path / out / 'monkeypox_model.pkl', weights_only=True)['model']['fc.weight'])
     assert 'crops computed' in outputs[0] and 'all from cache' in outputs[1] and 'crops computed' in outputs[2]
     assert torch.equal(heads[0], heads[1]) and torch.equal(heads[0], heads[2])
+
+
+def test_fp32_and_bf16_runs_predict_what_they_validated(tmp_path, cli):
+    data = make_dataset(tmp_path / 'd', per_class=8)
+    for precision in ('fp32', 'bf16'):
+        out = tmp_path / precision
+        r = cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '3', '--batch-size',
+                '8', '--precision', precision, '--out', out, '--no-plot')
+        assert r.returncode == 0, r.stderr
+        ckpt = torch.load(out / 'monkeypox_model.pkl', weights_only=True)
+        assert ckpt['precision'] == precision
+        m = __import__('json').loads(cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl',
+                                         '--json', '--no-plot').stdout)  # auto: the checkpoint's precision
+        assert m['balanced_accuracy'] == pytest.approx(ckpt['metrics']['balanced_accuracy'])

@@ -268,3 +268,18 @@ def test_real_photos_train_with_the_defaults_and_beat_chance_on_held_out_patient
     r = cli('predict', held_out, '--checkpoint', out / 'monkeypox_model.pkl', '--json', '--no-plot', env=env)
     row = json.loads(r.stdout)
     assert row['path'] == str(held_out) and row['label'] in ('Monkey Pox', 'Others')
+
+
+def test_constants_without_flags_are_set_with_set_and_predict_follows_the_checkpoints_preprocessing(tmp_path, cli):
+    data = make_dataset(tmp_path / 'd', per_class=6)
+    r = cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '1', '--views', '1',
+            '--out', tmp_path / 'chk', '--no-plot', '--set', 'IMAGE_SIZE=160', '--set', 'RESIZE=176')
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)
+    assert ckpt['preprocess']['image_size'] == 160 and ckpt['preprocess']['resize'] == 176
+    r = cli('evaluate', '--data', data, '--checkpoint', tmp_path / 'chk' / 'monkeypox_model.pkl', '--json',
+            '--no-plot')
+    # evaluate reads the photos at the checkpoint's 160 px, so it reproduces the validation metrics
+    assert json.loads(r.stdout)['balanced_accuracy'] == pytest.approx(ckpt['metrics']['balanced_accuracy'])
+    r = cli('train', '--data', data, '--set', 'EPOCHS=3')
+    assert r.returncode == 2 and 'flags of their own' in r.stderr
