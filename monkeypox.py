@@ -1186,8 +1186,10 @@ class Run:
         return {**self.meta, 'model': self.full_state(), 'epoch': b['epoch'], 'stage': b['stage'],
                 'threshold': b['threshold'], 'metrics': b['metrics'], 'history': self.history}
 
-    def write_best(self):
-        if not self.checkpoint or self.best is None or self.best is self.best_written:
+    def write_best(self, final=False):
+        # the final write always happens: the checkpoint's history must be the whole run's, not the
+        # history as it stood when the best epoch was last written
+        if not self.checkpoint or self.best is None or (self.best is self.best_written and not final):
             return
         ckpt = self.checkpoint_dict()
         torch_save(ckpt, self.checkpoint)
@@ -1195,7 +1197,7 @@ class Run:
         self.best_written, self.last_write = self.best, time.time()
 
     def finish(self):
-        self.write_best()
+        self.write_best(final=True)
         if self.checkpoint:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.out, RESUME_NAME))

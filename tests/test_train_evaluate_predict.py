@@ -132,6 +132,8 @@ def test_checkpoint_is_self_describing_and_loads_with_weights_only(synthetic_tra
     assert set(ckpt['split']['train']).isdisjoint(ckpt['split']['val'])
     assert ckpt['versions']['torch'] == str(torch.__version__)
     assert ckpt['metrics']['balanced_accuracy'] == max(r['val_balanced_accuracy'] for r in ckpt['history'])
+    # the history is the whole run's, whichever epoch was best
+    assert [r['epoch'] for r in ckpt['history']] == list(range(1, ckpt['config']['epochs'] + 1))
 
 
 def test_class_map_is_written_and_read_back_as_plain_data(synthetic_trained):
