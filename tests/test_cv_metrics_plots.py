@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import monkeypox as mp
 from conftest import make_dataset
@@ -151,6 +151,78 @@ def test_no_plot_writes_no_pictures(tmp_path, cli):
     r = cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--no-plot')
     assert r.returncode == 0, r.stderr
     assert not list(out.glob('*.png'))
+
+
+# --- Grad-CAM ----------------------------------------------------------------------------------------
+
+def disc_photo(rng, red_disc, size=256, margin=40):
+    """Skin with three brown spots in both classes; the positive class alone has a red disc (radius
+    26-34 px, 4-7% of the 224 px crop) at a random place. Returns the photo and the disc (x, y, r) in
+    the coordinates of the centre crop the model sees, or None."""
+    skin = np.array([224, 180, 150]) + rng.integers(-20, 20, 3)
+    img = Image.fromarray(np.clip(skin + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(3):
+        r = int(rng.integers(10, 20))
+        x, y = rng.integers(r + margin, size - r - margin, 2)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=(150, 100, 70))
+    if not red_disc:
+        return img, None
+    r = int(rng.integers(26, 34))
+    x, y = (int(v) for v in rng.integers(r + margin, size - r - margin, 2))
+    draw.ellipse([x - r, y - r, x + r, y + r], fill=(200, 30, 40))
+    offset = (size - mp.IMAGE_SIZE) // 2  # Resize(256) keeps a 256 px photo; CenterCrop(224) cuts this
+    return img, (x - offset, y - offset, r)
+
+
+def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tmp_path, torch_home, cli):
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 40), ('val', 10)):
+        for name, red in (('Monkey Pox', True), ('Others', False)):
+            (tmp_path / 'd' / split / name).mkdir(parents=True)
+            for i in range(n):
+                disc_photo(rng, red)[0].save(tmp_path / 'd' / split / name / f'P{i}_1.jpg', quality=92)
+    r = cli('train', '--data', tmp_path / 'd', '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1',
+            '--out', tmp_path / 'chk', '--no-plot', '--no-cache', env={'TORCH_HOME': str(torch_home)})
+    assert r.returncode == 0, r.stderr
+    loaded = mp.load_checkpoint(str(tmp_path / 'chk' / 'monkeypox_model.pkl'))
+    photos = []
+    for i in range(40):
+        img, disc = disc_photo(rng, True)
+        img.save(tmp_path / f'test{i}.jpg', quality=92)
+        photos.append((str(tmp_path / f'test{i}.jpg'), disc))
+    probs, failures = mp.predict_probs(loaded, [mp.Photo(path, 0, '') for path, _ in photos],
+                                       mp.torch.device('cpu'), 'fp32')
+    assert not failures
+    hits, misses = 0, []
+    for i, (path, (x, y, radius)) in enumerate(photos):
+        predicted = int(np.argmax(probs[i]))  # the class predict --explain shows
+        crop, heat = mp.grad_cam(loaded.model, path, predicted, mp.preprocessing(loaded.ckpt))
+        assert crop.shape[:2] == heat.shape == (224, 224) and heat.min() == 0 and heat.max() == pytest.approx(1)
+        iy, ix = np.unravel_index(heat.argmax(), heat.shape)
+        if math.hypot(ix - x, iy - y) <= radius:
+            hits += 1
+        else:
+            misses.append((i, int(math.hypot(ix - x, iy - y)), radius))
+    print(f'Grad-CAM maximum inside the disc on {hits}/40 photos; misses (photo, distance, radius): {misses}')
+    assert hits >= 32  # 80%
+
+
+def test_predict_explain_draws_the_photo_beside_its_grad_cam_for_resnets_too(tmp_path, cli):
+    data = make_dataset(tmp_path / 'd', per_class=6)
+    out = tmp_path / 'chk'
+    r = cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '1', '--views', '1',
+            '--out', out, '--no-plot')
+    assert r.returncode == 0, r.stderr
+    photos = sorted((data / 'Monkey Pox').glob('*.jpg'))[:2]
+    r = cli('predict', *photos, '--checkpoint', out / 'monkeypox_model.pkl', '--explain', '--plot',
+            tmp_path / 'p.png')
+    assert r.returncode == 0, r.stderr
+    plain = cli('predict', *photos, '--checkpoint', out / 'monkeypox_model.pkl', '--plot', tmp_path / 'q.png')
+    assert plain.returncode == 0, plain.stderr
+    explained, without = Image.open(tmp_path / 'p.png'), Image.open(tmp_path / 'q.png')
+    assert explained.width == 2 * without.width  # a heat-map panel beside every photo
+    assert_picture(tmp_path / 'p.png', explained.size)
 
 
 # --- cross-validation ------------------------------------------------------------------------------
