@@ -2272,7 +2272,7 @@ def build_parser():
                           help='crops per backbone pass')
     training.add_argument('--out', metavar='DIR', default=os.path.dirname(SAVE_PATH) or '.',
                           help='folder for checkpoint, class map, summary, curves and cache')
-    training.add_argument('--cache', metavar='DIR', default=CACHE_DIR, help='feature cache folder (default OUT/cache)')
+    training.add_argument('--cache', metavar='DIR', default=CACHE_DIR, help='feature cache folder; empty means OUT/cache')
     training.add_argument('--no-cache', action='store_true', help='keep features in memory only')
     training.add_argument('--positive-class', metavar='NAME', default=POSITIVE_CLASS, help='class screened for')
     training.add_argument('--threshold', metavar='P', type=probability, default=THRESHOLD,
