@@ -342,18 +342,21 @@ def patient_groups(photos):
     return [find(i) for i in range(len(photos))]
 
 
+def patients_by_class(photos):
+    """For each class in index order, its patients as lists of photo indices (in order of first photo)."""
+    groups = patient_groups(photos)
+    by_class = {}
+    for i, p in enumerate(photos):
+        by_class.setdefault(p.label, {}).setdefault(groups[i], []).append(i)
+    return [list(by_class[label].values()) for label in sorted(by_class)]
+
+
 def grouped_folds(photos, folds, seed):
     """Stratified folds that keep each patient's photos together: per class, patients (largest first,
     ties in seeded random order) go to the fold holding fewest photos of that class."""
     rng = random.Random(seed)
-    groups = patient_groups(photos)
     fold_of = [0] * len(photos)
-    for label in sorted({p.label for p in photos}):
-        members = {}
-        for i, p in enumerate(photos):
-            if p.label == label:
-                members.setdefault(groups[i], []).append(i)
-        order = list(members.values())
+    for order in patients_by_class(photos):
         rng.shuffle(order)
         order.sort(key=len, reverse=True)  # stable: equal sizes keep the shuffled order
         load = [0] * folds
@@ -369,14 +372,8 @@ def grouped_split(photos, val_fraction, seed):
     """(train, val): per class, whole patients in seeded random order go to validation until it holds
     val_fraction of that class's photos."""
     rng = random.Random(seed)
-    groups = patient_groups(photos)
     in_val = [False] * len(photos)
-    for label in sorted({p.label for p in photos}):
-        members = {}
-        for i, p in enumerate(photos):
-            if p.label == label:
-                members.setdefault(groups[i], []).append(i)
-        order = list(members.values())
+    for order in patients_by_class(photos):
         rng.shuffle(order)
         target = round(val_fraction * sum(map(len, order)))
         taken = 0
@@ -2188,46 +2185,23 @@ def grad_cam(model, path, target, pre=None):
 # ------------------------------------------------------------------------------------------------
 # CLI
 
-def positive_int(text):
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f'must be a positive integer, not {text}')
-    return v
+def checked(convert, ok, requirement, name):
+    """An argparse type: `convert` the text, then refuse values that fail `ok`, saying what is needed."""
+    def parse(text):
+        v = convert(text)
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f'{requirement}, not {text}')
+        return v
+    parse.__name__ = name  # argparse names it in "invalid <name> value"
+    return parse
 
 
-def non_negative_int(text):
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f'must be 0 or more, not {text}')
-    return v
-
-
-def positive_float(text):
-    v = float(text)
-    if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f'must be a positive number, not {text}')
-    return v
-
-
-def open_fraction(text):
-    v = float(text)
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f'must be between 0 and 1 (exclusive), not {text}')
-    return v
-
-
-def probability(text):
-    v = float(text)
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f'must be between 0 and 1, not {text}')
-    return v
-
-
-def fold_count(text):
-    v = int(text)
-    if v < 2:
-        raise argparse.ArgumentTypeError(f'needs at least 2 folds, not {text}')
-    return v
+positive_int = checked(int, lambda v: v > 0, 'must be a positive integer', 'positive integer')
+non_negative_int = checked(int, lambda v: v >= 0, 'must be 0 or more', 'integer')
+positive_float = checked(float, lambda v: v > 0 and not math.isinf(v), 'must be a positive number', 'number')
+open_fraction = checked(float, lambda v: 0 < v < 1, 'must be between 0 and 1 (exclusive)', 'fraction')
+probability = checked(float, lambda v: 0 <= v <= 1, 'must be between 0 and 1', 'probability')
+fold_count = checked(int, lambda v: v >= 2, 'needs at least 2 folds', 'fold count')
 
 
 def arch_name(text):

@@ -100,12 +100,18 @@ def test_target_sensitivity_picks_the_highest_threshold_that_reaches_it_and_deci
     assert m['sensitivity'] == pytest.approx(0.8) and m['specificity'] == pytest.approx(2 / 3)
 
 
+def train_tiny(cli, data, out, *flags, epochs=3):
+    """A few head epochs of a randomly initialised ResNet18 on synthetic photos; asserts success."""
+    r = cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', str(epochs),
+            '--views', '1', '--out', out, *flags)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
 def test_the_training_threshold_is_stored_and_used_by_predict_and_evaluate(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=10)
     out = tmp_path / 'chk'
-    r = cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '3', '--views', '1',
-            '--out', out, '--target-sensitivity', '1.0', '--no-plot')
-    assert r.returncode == 0, r.stderr
+    train_tiny(cli, data, out, '--target-sensitivity', '1.0', '--no-plot')
     ckpt = __import__('torch').load(out / 'monkeypox_model.pkl', weights_only=True)
     m = json.loads(cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--json',
                        '--no-plot').stdout)
@@ -127,9 +133,7 @@ def assert_picture(path, size):
 def test_train_writes_curves_and_summary_and_evaluate_writes_confusion_roc_and_sheet(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=10)
     out = tmp_path / 'chk'
-    r = cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '3', '--views', '1',
-            '--out', out)
-    assert r.returncode == 0, r.stderr
+    train_tiny(cli, data, out)
     assert_picture(out / 'curves.png', (1000, 400))
     assert len((out / 'summary.csv').read_text().splitlines()) == 4
     r = cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--sheet', '--out', tmp_path / 'e')
@@ -145,9 +149,7 @@ def test_train_writes_curves_and_summary_and_evaluate_writes_confusion_roc_and_s
 def test_no_plot_writes_no_pictures(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=6)
     out = tmp_path / 'chk'
-    r = cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '1', '--views', '1',
-            '--out', out, '--no-plot')
-    assert r.returncode == 0, r.stderr
+    train_tiny(cli, data, out, '--no-plot', epochs=1)
     r = cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--no-plot')
     assert r.returncode == 0, r.stderr
     assert not list(out.glob('*.png'))
@@ -211,9 +213,7 @@ def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tm
 def test_predict_explain_draws_the_photo_beside_its_grad_cam_for_resnets_too(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=6)
     out = tmp_path / 'chk'
-    r = cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '1', '--views', '1',
-            '--out', out, '--no-plot')
-    assert r.returncode == 0, r.stderr
+    train_tiny(cli, data, out, '--no-plot', epochs=1)
     photos = sorted((data / 'Monkey Pox').glob('*.jpg'))[:2]
     r = cli('predict', *photos, '--checkpoint', out / 'monkeypox_model.pkl', '--explain', '--plot',
             tmp_path / 'p.png')
