@@ -68,6 +68,20 @@ def test_roc_auc_counts_ties_as_half():
     assert math.isnan(mp.roc_auc([True, True], [0.1, 0.2]))
 
 
+def test_roc_curve_steps_once_per_distinct_score_ties_together():
+    fpr, tpr, thr = mp.roc_curve([1, 0, 1, 0, 1], [0.9, 0.8, 0.8, 0.3, 0.1])
+    assert thr == [float('inf'), 0.9, 0.8, 0.3, 0.1]
+    assert fpr == [0, 0, 0.5, 1, 1]
+    assert tpr == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3, 1])
+
+
+def test_metrics_of_decisions_made_elsewhere_count_those_decisions():
+    # cv pools folds decided at different thresholds: the decisions given are counted, not re-decided
+    m = mp.metrics([0, 0, 1, 1], two_class([0.9, 0.4, 0.6, 0.1]), ['pos', 'neg'], 0, None, preds=[0, 0, 0, 1])
+    assert m['confusion_matrix'] == [[2, 0], [1, 1]]
+    assert m['sensitivity'] == 1.0 and m['specificity'] == 0.5 and m['auc'] == 0.75  # 3 of 4 pairs ordered
+
+
 def test_wilson_intervals_match_known_values():
     assert mp.wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
     assert mp.wilson(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
@@ -116,6 +130,10 @@ def test_the_training_threshold_is_stored_and_used_by_predict_and_evaluate(tmp_p
     m = json.loads(cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--json',
                        '--no-plot').stdout)
     assert m['threshold'] == ckpt['threshold'] and m['sensitivity'] == 1.0
+    # the checkpoint's validation metrics are those of its own threshold: evaluate on the same photos agrees
+    assert ckpt['metrics']['threshold'] == ckpt['threshold']
+    for key in ('sensitivity', 'specificity', 'balanced_accuracy'):
+        assert m[key] == pytest.approx(ckpt['metrics'][key]), key
     r = cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--no-plot')
     assert f'P(Monkey Pox) >= {ckpt["threshold"]:.2f}' in r.stdout
 

@@ -103,6 +103,18 @@ def test_an_interrupted_write_leaves_no_pack(tmp_path):
     assert mp.FeatureCache(str(tmp_path), 'key', {}).rows == {} and cache.rows == {}
 
 
+def test_many_packs_are_merged_into_one_that_holds_every_row(tmp_path):
+    cache = mp.FeatureCache(str(tmp_path), 'key', {})
+    for k in range(10):  # e.g. ten runs that each added a few photos
+        cache.put([f'photo{k}:eval'], torch.full((1, 4), float(k)))
+    assert len(list((tmp_path / 'key').glob('pack-*.pt'))) == 10
+    cache.compact(most=8)
+    assert len(list((tmp_path / 'key').glob('pack-*.pt'))) == 1
+    reread = mp.FeatureCache(str(tmp_path), 'key', {})
+    assert sorted(reread.rows) == sorted(f'photo{k}:eval' for k in range(10))
+    assert all(torch.equal(reread.get(f'photo{k}:eval'), torch.full((4,), float(k))) for k in range(10))
+
+
 def test_bf16_features_agree_with_fp32_on_real_photos(msld, torch_home, tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(torch_home))
     photos = mp.read_photos(str(msld))[1][::8]
@@ -140,3 +152,10 @@ def test_fp32_and_bf16_runs_predict_what_they_validated(tmp_path, cli):
         m = __import__('json').loads(cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl',
                                          '--json', '--no-plot').stdout)  # auto: the checkpoint's precision
         assert m['balanced_accuracy'] == pytest.approx(ckpt['metrics']['balanced_accuracy'])
+
+
+def test_no_cache_reads_no_hash_memo_from_the_working_folder(tmp_path, monkeypatch):
+    (tmp_path / 'hashes.json').write_text('{"/some/photo.jpg": [1, 2, "not its hash"]}')
+    monkeypatch.chdir(tmp_path)
+    assert mp.load_memo('') == {}  # --no-cache: nothing read from wherever the user stands
+    assert mp.load_memo(str(tmp_path)) == {'/some/photo.jpg': [1, 2, 'not its hash']}

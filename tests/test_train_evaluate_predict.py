@@ -110,7 +110,8 @@ def test_run_keeps_a_copy_of_the_best_epoch_not_a_reference_to_live_weights(tmp_
         with torch.no_grad():
             model.fc.weight.add_(1.0)  # training changes the live tensors in place
         weights.append(model.fc.weight.clone())
-        val = {'metrics': {'balanced_accuracy': score, 'loss': 1 - score, 'accuracy': score}, 'threshold': 0.5}
+        m = {'balanced_accuracy': score, 'loss': 1 - score, 'accuracy': score}
+        val = {'metrics': m, 'threshold': 0.5, 'operating': m}
         run.end_epoch('head', epoch, 3, {'loss': 0.0, 'accuracy': 0.0}, val, opt, rng, 0.0)
     run.finish()
     saved = torch.load(tmp_path / 'monkeypox_model.pkl', weights_only=True)
