@@ -6,50 +6,77 @@ photo goes through it once (features are cached on disk), and a new linear head 
 stored features. A research and teaching tool for datasets of photos: it is not a diagnosis.
 
     python monkeypox.py                     # train on ./monkeypoxdata, then predict TEST_IMAGE
-    python monkeypox.py train --help        # every constant below is also a flag
+    python monkeypox.py train --help        # every setting below is also a flag
     python monkeypox.py evaluate            # metrics on photos the model never saw
     python monkeypox.py predict photo.jpg   # one line per photo, and a plot
+
+Reading map: each command, and the functions it runs (defined below in this order).
+
+    (no command)  run_default: train, then predict TEST_IMAGE and show it
+    train         prepare (read_dataset, split_photos, resolve_weights, Extractor.features -> run_batches)
+                  -> Run -> fit (fit_head, then finetune with --unfreeze) -> Run.finish (checkpoint files)
+    cv            prepare -> per fold: Run -> fit -> score on the unseen fold -> report
+    evaluate      load_checkpoint -> evaluation_photos -> score_photos (run_batches) -> metrics -> report
+    predict       collect_images -> load_checkpoint -> score_photos (run_batches) -> plot_predictions
+    download      fetch -> extract_rar -> layout_dataset
+
+Sections: Settings, Commands, Data, Model, Inference, Features, Training, Metrics and reports,
+Checkpoints, Plots, Download, Files and processes, CLI and main.
 """
-# ------------------------------------------------------------------------------------------------
-# Constants: edit them here, or override any of them with the flag named in its comment.
+# ================================================================================================
+# Settings: edit them here, or override any of them with the flag named in its comment (those marked
+# --set have no flag: --set NAME=VALUE). They are the defaults; after parsing, the code reads `cfg`.
+
+# Paths
 IMAGE_PATH = './monkeypoxdata'               # --data: class folders (Monkey Pox/, Others/), or train/ + val/ [+ test/]
-MODEL_PATH = './chk/resnet101-cd907fc2.pth'  # ImageNet weights file for ARCH; used when present (see WEIGHTS)
+MODEL_PATH = './chk/resnet101-cd907fc2.pth'  # --set: ImageNet weights file for ARCH; used when present (see WEIGHTS)
 SAVE_PATH = './chk/monkeypox_model.pkl'      # --checkpoint: best model; `train --out DIR` writes DIR/monkeypox_model.pkl
 TEST_IMAGE = './monkeypoxdata/test/test.jpg'  # --test-image: predicted and shown at the end of the default run
+CACHE_DIR = ''              # --cache: feature cache folder ('' = OUT/cache); --no-cache keeps features in memory only
+
+# The model and its head
 ARCH = 'resnet101'          # --arch: any torchvision classification model (resnet18, resnet50, mobilenet_v2, ...)
 WEIGHTS = 'auto'            # --weights: 'auto' (MODEL_PATH if present, else DEFAULT), a torchvision name, a file, or 'none'
+VIEWS = 2                   # --views: random training crops (RandomResizedCrop + flip) stored per photo; an epoch draws one
+CROP_SCALE = 0.08           # --crop-scale: smallest share of a photo's area a RandomResizedCrop keeps
 EPOCHS = 10                 # --epochs: passes of the head over the training photos
 LR = 0.001                  # --lr: Adam learning rate of the new head
 BATCH_SIZE = 32             # --batch-size: photos per head training step
 SEED = 0                    # --seed: validation split, head initialisation, shuffling
 VAL_FRACTION = 0.2          # --val-fraction: share of a flat dataset held out, whole patients at a time
-CROP_SCALE = 0.08           # --crop-scale: smallest share of a photo's area a RandomResizedCrop keeps
-VIEWS = 2                   # --views: random training crops (RandomResizedCrop + flip) stored per photo; an epoch draws one
-PRECISION = 'auto'          # --precision: backbone pass in bf16 where the hardware runs it fast (auto), else fp32
-DEVICE = 'auto'             # --device: cuda when present, else cpu
-WORKERS = -1                # --workers: image decoding processes beside the backbone pass (-1: auto, see default_workers)
-EXTRACT_BATCH_SIZE = 16     # --extract-batch-size: crops per backbone pass (16 was fastest for ResNet101 on 2 cores)
-CACHE_DIR = ''              # --cache: feature cache folder ('' = OUT/cache); --no-cache keeps features in memory only
-POSITIVE_CLASS = 'auto'     # --positive-class: class screened for ('auto': the one named like mpox / monkey pox)
-THRESHOLD = 0.5             # --threshold: a photo is called positive when P(positive class) >= this
-TARGET_SENSITIVITY = 0.0    # --target-sensitivity: if > 0, pick the highest threshold reaching it on validation
+
+# Fine-tuning
 UNFREEZE = 0                # --unfreeze: last backbone stages fine-tuned after the head (0 = frozen backbone)
 FINETUNE_EPOCHS = 15        # --finetune-epochs: epochs of fine-tuning when UNFREEZE > 0
 BACKBONE_LR = 0.0001        # --backbone-lr: learning rate of the unfrozen stages (the head keeps LR)
+
+# Evaluation
+POSITIVE_CLASS = 'auto'     # --positive-class: class screened for ('auto': the one named like mpox / monkey pox)
+THRESHOLD = 0.5             # --threshold: a photo is called positive when P(positive class) >= this
+TARGET_SENSITIVITY = 0.0    # --target-sensitivity: if > 0, pick the highest threshold reaching it on validation
 FOLDS = 5                   # --folds: folds of `cv`, whole patients at a time
-TEST_FRACTION = 0.2         # `download`: share of the photos held out in test/ (and VAL_FRACTION in val/)
-IMAGE_SIZE = 224            # side of the square crop the backbone sees
-RESIZE = 256                # evaluation resizes the short side to this, then centre-crops IMAGE_SIZE
-MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation the pretrained backbones expect
-STD = (0.229, 0.224, 0.225)
-DIST_TIMEOUT = 300          # seconds a torchrun rank waits for the others before failing (a rank died)
-CHECKPOINT_SECONDS = 5.0    # a better epoch is written at once, but at most this often (head epochs take milliseconds)
-# ------------------------------------------------------------------------------------------------
+TEST_FRACTION = 0.2         # --set: `download` holds this share of the photos out in test/ (and VAL_FRACTION in val/)
+
+# System
+DEVICE = 'auto'             # --device: cuda when present, else cpu
+PRECISION = 'auto'          # --precision: backbone pass in bf16 where the hardware runs it fast (auto), else fp32
+WORKERS = -1                # --workers: image decoding processes beside the backbone pass (-1: auto, see decode_workers)
+EXTRACT_BATCH_SIZE = 16     # --extract-batch-size: crops per backbone pass (16 was fastest for ResNet101 on 2 cores)
+DIST_TIMEOUT = 300          # --set: seconds a torchrun rank waits for the others before failing (a rank died)
+CHECKPOINT_SECONDS = 5.0    # --set: a better epoch is written at once, but at most this often (head epochs take ms)
+
+# Preprocessing (ImageNet's, which the pretrained backbones expect)
+IMAGE_SIZE = 224            # --set: side of the square crop the backbone sees
+RESIZE = 256                # --set: evaluation resizes the short side to this, then centre-crops IMAGE_SIZE
+MEAN = (0.485, 0.456, 0.406)  # --set: per-channel mean of the normalisation
+STD = (0.229, 0.224, 0.225)   # --set: per-channel standard deviation of the normalisation
+
+SETTINGS = [name for name in globals() if name.isupper()]  # the names above, in order: each is an entry of cfg
+# ================================================================================================
 
 import argparse
 import ast
 import contextlib
-import copy
 import csv
 import dataclasses
 import datetime
@@ -98,109 +125,250 @@ NOT_A_DIAGNOSIS = 'Research tool, not a diagnosis: a photo classifier cannot rep
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated download is an error, never a half-grey photo
 
 
-class UserError(Exception):
-    """Bad input or usage: reported in one line, exit code 2, no traceback."""
+# ================================================================================================
+# Commands: what `python monkeypox.py [command]` does, each as a short story
+
+def run_default(cfg):
+    """No command: the original script's flow. Train, then predict TEST_IMAGE and show it."""
+    checkpoint, split = train(cfg)
+    image = cfg.test_image
+    if not os.path.isfile(image):
+        if not split.val:
+            say(f'{image} does not exist and there are no validation photos to show instead')
+            return
+        image = split.val[0].path
+        say(f'{cfg.test_image} does not exist: predicting the held-out validation photo {image} instead')
+    predict(parse_args(['predict', image, '--checkpoint', checkpoint, '--device', cfg.device, '--precision',
+                        cfg.precision, '--workers', str(cfg.workers)] + ['--no-plot'] * cfg.no_plot
+                       + [f'--set={pair}' for pair in cfg.set]))
 
 
-def say(*args, **kwargs):
-    """Progress and reports: stdout, or stderr while stdout carries --json output."""
-    if not say.muted:
-        print(*args, **kwargs, file=sys.stderr if say.to_stderr else sys.stdout, flush=True)
-
-
-say.to_stderr = say.muted = False
-
-
-def warn(message):
-    if is_main():
-        print(f'warning: {message}', file=sys.stderr, flush=True)
-
-
-def sha256_file(path, memo=None):
-    """sha256 of a file's bytes; `memo` (dict) skips re-reading files whose size and mtime are unchanged."""
-    st = os.stat(path)
-    stamp = [st.st_size, st.st_mtime_ns]
-    key = os.path.abspath(path)
-    if memo is not None and memo.get(key, [None])[:2] == stamp:
-        return memo[key][2]
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    if memo is not None:
-        memo[key] = stamp + [h.hexdigest()]
-    return h.hexdigest()
-
-
-UMASK = os.umask(0o022)  # read it (the only way is to set it), then put it back
-os.umask(UMASK)
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it over `path`: readers see
-    the old file or the new one, never half of one, and a failed or interrupted write leaves no trace."""
-    path = Path(path)
+def train(cfg):
+    """Every training photo goes through the frozen backbone once per stored view (cached on disk); the
+    new head is trained on those features, then with --unfreeze the last stages too, on fresh crops.
+    The best epoch on the validation photos is saved. Returns the checkpoint's path and the split."""
+    prep = prepare(cfg)
+    model = prep.extractor.model()  # built only now when every feature came from the cache
+    freeze(model)
+    model.cpu()
+    run = Run(cfg, model, prep.train, prep.val, prep.split.classes, prep.positive,
+              meta=checkpoint_meta(cfg, prep), checkpoint=cfg.checkpoint)
+    if cfg.resume:
+        run.restore(read_resume(cfg, run.meta))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    except OSError as e:
-        raise UserError(f'cannot write {path}: {e.strerror or e}; choose a writable folder (--out)') from e
+        fit(run)
+        run.finish()
+    except KeyboardInterrupt:
+        run.save_interrupted()
+        raise
+    best = run.best
+    if not len(prep.val.y):
+        warn('no validation photos: the checkpoint is the last epoch and no accuracy can be claimed')
+    say(f'saved {run.checkpoint} (best epoch {best["epoch"]}'
+        + (f', val balanced accuracy {best["metrics"]["balanced_accuracy"]:.3f}' if len(prep.val.y) else '')
+        + f', threshold {best["threshold"]:.2f})')
+    if not cfg.no_plot and is_main():
+        say(f'plot: {plot_curves(run.history, os.path.join(cfg.out, "curves.png"))}')
+    return run.checkpoint, prep.split
+
+
+def cv(cfg):
+    """Grouped, stratified k-fold cross-validation, the accuracy to quote: each fold's model is trained
+    exactly as `train` trains (an inner patient-grouped split picks its best epoch and threshold) and
+    scored on its fold, whose patients it never saw."""
+    prep = prepare(cfg, every_photo=True)
+    photos, classes, positive = prep.train.photos, prep.split.classes, prep.positive
+    folds = grouped_folds(photos, cfg.folds, cfg.seed)
+    if cfg.unfreeze:  # every fold fine-tunes its own copy of the pretrained model
+        pretrained = {k: v.clone() for k, v in prep.extractor.model().cpu().state_dict().items()}
+    results, labels, probs, preds = [], [], [], []
+    for k in range(cfg.folds):
+        t0 = time.time()
+        test = [i for i, f in enumerate(folds) if f == k]
+        inner_train, inner_val = grouped_split([photos[i] for i, f in enumerate(folds) if f != k],
+                                               cfg.val_fraction, cfg.seed)
+        index = {p.path: i for i, p in enumerate(photos)}
+        tr, va = [index[p.path] for p in inner_train], [index[p.path] for p in inner_val]
+        if cfg.unfreeze:
+            model = prep.extractor.model()
+            model.load_state_dict(pretrained)
+            freeze(model)
+        else:  # the frozen backbone's features are all a head needs
+            model = new_head(prep.train.x.shape[-1], len(classes), cfg.seed)
+        run = Run(cfg, model, prep.train.subset(tr), prep.val.subset(va), classes, positive)
+        with quiet():
+            best = fit(run)
+            p = run.probabilities(prep.val.subset(test))
+        y = prep.val.y[test].tolist()
+        m = metrics(y, p, classes, positive, best['threshold'])
+        m.update(fold=k + 1, train=len(tr), val=len(va), test=len(test), epoch=best['epoch'], stage=best['stage'],
+                 seconds=time.time() - t0)
+        say(f'fold {k + 1}/{cfg.folds}: balanced accuracy {m["balanced_accuracy"]:.3f} ({best["stage"]} epoch '
+            f'{best["epoch"]}, {time.time() - t0:.0f}s)')
+        results.append(m)
+        labels, probs, preds = labels + y, probs + p, preds + decide(p, positive, best['threshold'])
+    pooled = metrics(labels, probs, classes, positive, None, preds)  # out of fold, each at its own threshold
+    result = {'folds': results, 'mean': aggregate(results, 'mean'), 'std': aggregate(results, 'sd'),
+              'pooled': pooled, 'data': prep.what, 'arch': cfg.arch, 'weights': prep.spec.name, 'seed': cfg.seed,
+              'config': vars(cfg)}
+    report(cfg, result, pooled, labels, probs, os.path.join(cfg.out, 'cv'),
+           f'{cfg.folds}-fold cross-validation, pooled ({len(labels)} photos)', print_cv)
+    return result
+
+
+def evaluate(cfg):
+    """Metrics of a checkpoint on photos it never saw: its own validation photos on the flat dataset it was
+    trained on, the test/ (or val/) folder of a split dataset, or any other folder whole."""
+    loaded = load_checkpoint(cfg.checkpoint, cfg)
+    photos, what = evaluation_photos(loaded, cfg)
+    probs, failures = checkpoint_probabilities(loaded, photos, cfg, 'evaluate')
+    report_skipped(failures)
+    scored = [i for i in range(len(photos)) if i in probs]
+    labels, p = [photos[i].label for i in scored], [probs[i] for i in scored]
+    m = metrics(labels, p, loaded.classes, loaded.positive, operating_threshold(cfg, loaded))
+    m.update(images=what, checkpoint=cfg.checkpoint, skipped=failures)
+    out = cfg.out or os.path.dirname(os.path.abspath(cfg.checkpoint))
+    report(cfg, m, m, labels, p, out, f'{os.path.basename(os.path.normpath(cfg.data))}: {m["n"]} photos',
+           lambda r: print_metrics(r, f'evaluated {what}\ncheckpoint {cfg.checkpoint} ({loaded.ckpt["arch"]}, epoch '
+                                      f'{loaded.ckpt.get("epoch")})'))
+    if cfg.sheet and not cfg.no_plot and is_main():
+        rows = [{'path': photos[i].path, 'true': y, 'pred': d, 'probs': q}
+                for i, y, d, q in zip(scored, labels, decide(p, loaded.positive, m['threshold']), p)]
+        say(f'plot: {plot_sheet(rows, loaded.classes, os.path.join(out, "sheet.png"), loaded.pre)}')
+    return m
+
+
+def predict(cfg):
+    """Classify photos: one line (or JSON object) per photo and a plot of them; unreadable ones are
+    reported and skipped, and the exit code is 2 only when nothing could be predicted."""
+    files, problems = collect_images(cfg.paths)
+    loaded = load_checkpoint(cfg.checkpoint, cfg) if files else None
+    results = []
+    if files:
+        probs, failures = checkpoint_probabilities(loaded, [Photo(f, -1, '') for f in files], cfg, 'predict')
+        problems += failures
+        threshold = operating_threshold(cfg, loaded)
+        for i, f in enumerate(files):
+            if i in probs:
+                label = decide([probs[i]], loaded.positive, threshold)[0]
+                results.append({'path': f, 'label': loaded.classes[label], 'probability': probs[i][label],
+                                'probabilities': dict(zip(loaded.classes, probs[i]))})
+    for r in results:
+        if cfg.json and is_main():
+            print(json.dumps(r), flush=True)
+        elif not cfg.json:
+            say(f'{r["path"]}\t{r["label"]}\t{r["probability"]:.3f}')
+    for path, line in problems if is_main() else []:
+        if cfg.json:
+            print(json.dumps({'path': path, 'error': line}), flush=True)
+        print(f'error: {line}', file=sys.stderr, flush=True)
+    if not results:
+        raise UserError('nothing could be predicted' + (f' ({len(problems)} problems above)' if problems else ''))
+    if problems:
+        say(f'{len(results)} photos predicted, {len(problems)} could not be')
+    if not cfg.json:
+        say(NOT_A_DIAGNOSIS)
+    if not cfg.no_plot and is_main():
+        plot_predictions(results, loaded, cfg)
+    return results
+
+
+def download(cfg):
+    """Fetch the authors' archive of the MSLD photos, verify it, and lay it out as train/ val/ test/ by
+    patient. Everything happens in a temporary folder beside --dest, renamed into place at the end:
+    an interrupted or failed download leaves --dest as it was."""
+    dest = Path(cfg.dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not cfg.force:
+        raise UserError(f'{dest} exists and is not empty; pass --force to replace it, or choose --dest')
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f'.{dest.name}-download-', dir=dest.parent))
     try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file what open() would have
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f'cannot write {path}: {e.strerror or e}; the previous file, if any, is unchanged. '
-                        'Free some disk space or choose another folder (--out)') from e
+        archive = work / 'archive.rar'
+        fetch(cfg.url, archive)
+        size, md5 = archive.stat().st_size, hashlib.md5(archive.read_bytes()).hexdigest()
+        if (size, md5) != (ARCHIVE_BYTES, ARCHIVE_MD5):
+            raise UserError(f'{cfg.url}: got {size:,} bytes with md5 {md5}, expected {ARCHIVE_BYTES:,} bytes with '
+                            f'md5 {ARCHIVE_MD5}; the download is damaged or not the MSLD archive. Nothing was written '
+                            f'to {dest}')
+        extract_rar(archive, work / 'all')
+        layout_dataset(work / 'all', work / 'out', cfg)
+        if dest.exists():
+            os.replace(dest, work / 'replaced')
+        os.replace(work / 'out', dest)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        shutil.rmtree(work, ignore_errors=True)
+    say(f'{dest}: the 228 MSLD photos in train/ val/ test/ (split by patient, seed {cfg.seed}; {dest / "SPLIT.csv"}); '
+        f'license CC BY-NC, see {dest / "LICENSE.txt"}')
+    return dest
 
+
+# --- what train and cv share: their beginning, and the report cv shares with evaluate --------------
 
 @dataclasses.dataclass
-class Ranks:
-    """Where this process stands under torchrun (rank 0 of 1 without it)."""
-    rank: int = 0
-    world: int = 1
-    local: int = 0
+class Prepared:
+    split: 'Split'           # the photos: training and validation (cv: every photo in both)
+    what: str                # a sentence naming them
+    spec: 'WeightsSpec'      # the backbone's weights
+    positive: int            # index of the screened class (None: none)
+    extractor: 'Extractor'   # the frozen backbone and its feature cache
+    train: 'Features'        # the stored random views of the training photos
+    val: 'Features'          # the evaluation view of the validation photos
 
 
-RANKS = Ranks()
+def prepare(cfg, every_photo=False):
+    """What train and cv start from: the photos (cv: every photo, its folds drawn later), the weights,
+    the screened class, and the backbone's features of every photo, from the cache where it has them."""
+    memo = load_memo(cfg.cache)
+    classes, parts = read_dataset(cfg.data, memo)
+    split, what = split_photos(cfg.data, classes, parts, cfg), cfg.data
+    if every_photo:
+        split.train = split.val = parts.get('all') or split.train + split.val
+        what = cfg.data if 'all' in parts else f'{cfg.data}/train + val (test/ left untouched)'
+    spec = resolve_weights(cfg, memo)
+    if is_main():
+        save_memo(cfg.cache, memo)
+    positive = positive_index(split.classes, cfg.positive_class)
+    extractor = Extractor(cfg, split.classes, spec)
+    if not every_photo:
+        print_split(split, f', seed {cfg.seed}, {cfg.val_fraction:.0%} held out' if split.how == 'grouped' else '')
+        say(f'model: {cfg.arch}, weights {spec.name}, {extractor.device.type} {extractor.precision}, frozen '
+            f'backbone' + (f', then its last {cfg.unfreeze} stages fine-tuned' if cfg.unfreeze else ''))
+    t0 = time.time()
+    train_f, bad = extractor.features(split.train, [f'train{k}' for k in range(cfg.views)])
+    val_f, bad_val = extractor.features(train_f.photos if every_photo else split.val, [EVAL_VIEW])
+    if bad + bad_val:
+        report_skipped(bad + bad_val, listed_in='' if every_photo else 'the checkpoint (split.skipped)')
+        drop_unreadable(split, bad + bad_val)
+    done = (f'{extractor.crops} crops computed at {extractor.crops / extractor.seconds:.1f} crops/s'
+            if extractor.crops else 'all from cache')
+    say(f'cv: {what}, {len(train_f.photos)} photos, {cfg.folds} folds by patient (seed {cfg.seed}); {cfg.arch}, '
+        f'weights {spec.name}, features in {time.time() - t0:.1f}s' if every_photo else
+        f'features: {len(split.train)}x{cfg.views} training views + {len(split.val)} validation photos, {done}, '
+        f'{time.time() - t0:.1f}s' + (f' (cache {extractor.cache.dir})' if extractor.cache.dir else ''))
+    return Prepared(split, what, spec, positive, extractor, train_f, val_f)
 
 
-def is_main():
-    return RANKS.rank == 0
+def report(cfg, result, m, labels, probs, out, title, print_text):
+    """The end of evaluate and cv: the result printed (or as one JSON object), then confusion.png and
+    roc.png of the metrics `m` on photos with true `labels` and probabilities `probs`, in `out`."""
+    if cfg.json:
+        if is_main():
+            print(json.dumps(json_ready(result)))
+    else:
+        print_text(result)
+        say(NOT_A_DIAGNOSIS)
+    if cfg.no_plot or not is_main():
+        return
+    classes, positive = m['classes'], m['classes'].index(m['positive_class']) if m['positive_class'] else None
+    say(f'plot: {plot_confusion(m["confusion_matrix"], classes, os.path.join(out, "confusion.png"), title)}')
+    if positive is not None:
+        path = plot_roc([y == positive for y in labels], [q[positive] for q in probs], os.path.join(out, 'roc.png'),
+                        title, classes[positive], m if m['threshold'] is not None else None)
+        say(f'plot: {path}')
 
 
-def gather(obj):
-    """Every rank's `obj`, in rank order ([obj] in a single process)."""
-    if RANKS.world == 1:
-        return [obj]
-    out = [None] * RANKS.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def my_chunks(n, size):
-    """This rank's share of range(n) in fixed chunks: chunk k is [k*size, (k+1)*size) and rank r takes chunks
-    r, r+W, ...: every item is processed once, in a batch that is the same whatever the number of ranks."""
-    chunks = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
-    return chunks[RANKS.rank::RANKS.world]
-
-
-def torch_save(obj, path):
-    """torch.save through atomic_write. Serialised in memory first: torch's zip writer reports a full
-    disk as an obscure RuntimeError, a plain file write reports it as the OSError it is."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
-
-
-# ------------------------------------------------------------------------------------------------
-# Data
+# ================================================================================================
+# Data: photos in class folders, their patients, and the splits that keep a patient on one side
 
 @dataclasses.dataclass
 class Photo:
@@ -212,20 +380,94 @@ class Photo:
 @dataclasses.dataclass
 class Split:
     root: str                 # the --data folder
-    classes: list             # class names in index order (ImageFolder order: sorted folder names)
+    classes: list             # class names in index order
     train: list               # Photos
     val: list                 # Photos (may be empty)
     how: str                  # 'folders' (DIR/train + DIR/val) or 'grouped' (split here by patient)
     skipped: list = dataclasses.field(default_factory=list)  # [path, reason] of unreadable images
 
 
-def is_hidden(name):
-    return name.startswith('.') or name in ('Thumbs.db', 'desktop.ini', '__MACOSX')
+LAYOUT_HELP = ('Expected one folder per class, e.g. monkeypoxdata/Monkey Pox/*.jpg and monkeypoxdata/Others/*.jpg '
+               '(or train/ and val/ folders each laid out so). Get the public Monkeypox Skin Lesion Dataset with '
+               f'`python monkeypox.py download` ({DATASET_URL}, CC BY-NC).')
 
 
-def is_image_file(path):
-    name = os.path.basename(path)
-    return not is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+def read_dataset(root, memo=None, classes=None, parts=('train', 'val')):
+    """(classes, photos by part) of --data, the one place that knows its two layouts: the DIR/train,
+    DIR/val and DIR/test folders (those of `parts` that exist) when DIR/train exists, else DIR's class
+    folders (part 'all'). With `classes` (a model's), every class folder must be one of them."""
+    found = {}
+    for part in parts if os.path.isdir(os.path.join(root, 'train')) else ['']:
+        if not part or os.path.isdir(os.path.join(root, part)):
+            classes, found[part or 'all'] = read_photos(os.path.join(root, part), classes, memo)
+    if len(classes or []) < 2:
+        raise UserError(f'{root} has only one class folder ({classes[0]!r}); a classifier needs at least two. '
+                        f'{LAYOUT_HELP}')
+    return classes, found
+
+
+def split_photos(root, classes, parts, cfg):
+    """Training and validation photos: the train/ and val/ folders as given, or the class folders split
+    here by patient (--val-fraction, --seed)."""
+    if 'all' not in parts:
+        return Split(root, classes, parts['train'], parts.get('val', []), 'folders')
+    return Split(root, classes, *grouped_split(parts['all'], cfg.val_fraction, cfg.seed), 'grouped')
+
+
+def evaluation_photos(loaded, cfg):
+    """Which photos `evaluate` scores, and a sentence saying so."""
+    data, split = cfg.data, loaded.ckpt.get('split', {})
+    _, parts = read_dataset(data, classes=loaded.classes, parts=('test', 'val'))
+    if 'all' not in parts:
+        part = next((p for p in ('test', 'val') if p in parts), None)
+        if part is None:
+            raise UserError(f'{data} has train/ but no val/ or test/ folder to evaluate on; pass --data FOLDER')
+        return parts[part], f'{os.path.join(data, part)} ({part} folder, never used for training)'
+    photos = parts['all']
+    rel = {os.path.relpath(p.path, data): p for p in photos}
+    trained = set(split.get('train', [])) | set(split.get('val', []))
+    if split.get('how') == 'grouped' and trained and trained <= set(rel) and not cfg.all:
+        val = [rel[r] for r in split['val']]
+        return val, (f'{data}: the {len(val)} validation photos of the checkpoint\'s split (seed {split["seed"]}); '
+                     '--all for every photo')
+    note = ' (--all: includes the photos the model was trained on)' if cfg.all and trained & set(rel) else ''
+    return photos, f'{data}: all {len(photos)} photos{note}'
+
+
+def read_photos(root, classes=None, memo=None):
+    """Photos of an ImageFolder-style folder; with `classes`, its class names must be among them."""
+    found, samples = scan_folder(root)
+    if classes is None:
+        classes = found
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise UserError(f'{os.path.join(root, unknown[0])}: class {unknown[0]!r} is not one of the model\'s '
+                        f'classes {classes}; rename the folder or remove it')
+    photos = []
+    for path, label in samples:
+        try:
+            sha = sha256_file(path, memo)
+        except OSError as e:
+            raise UserError(f'{path}: cannot read ({e.strerror or e}); check its permissions') from e
+        photos.append(Photo(path, classes.index(found[label]), sha))
+    return classes, photos
+
+
+def scan_folder(root):
+    """(classes, [(path, label)]) of an ImageFolder-style folder, with one clear error per bad layout."""
+    if not os.path.isdir(root):
+        what = 'is not a folder' if os.path.exists(root) else 'does not exist'
+        raise UserError(f'data folder {root} {what}. {LAYOUT_HELP}')
+    try:
+        folder = PhotoFolder(root)
+    except OSError as e:
+        raise UserError(f'cannot read {e.filename or root}: {e.strerror or e}; check its permissions') from e
+    present = {label for _, label in folder.samples}
+    empty = [c for k, c in enumerate(folder.classes) if k not in present]
+    if empty:
+        raise UserError(f'class folder {os.path.join(root, empty[0])} holds no images '
+                        f'({", ".join(IMAGE_EXTENSIONS[:6])}, ...). Add photos or remove the folder.')
+    return folder.classes, folder.samples
 
 
 class PhotoFolder(torchvision.datasets.ImageFolder):
@@ -242,29 +484,125 @@ class PhotoFolder(torchvision.datasets.ImageFolder):
         return classes, {c: i for i, c in enumerate(classes)}
 
 
-LAYOUT_HELP = ('Expected one folder per class, e.g. monkeypoxdata/Monkey Pox/*.jpg and monkeypoxdata/Others/*.jpg '
-               '(or train/ and val/ folders each laid out so). Get the public Monkeypox Skin Lesion Dataset with '
-               f'`python monkeypox.py download` ({DATASET_URL}, CC BY-NC).')
+def is_hidden(name):
+    return name.startswith('.') or name in ('Thumbs.db', 'desktop.ini', '__MACOSX')
 
 
-def scan_folder(root):
-    """(classes, [(path, label)]) of an ImageFolder-style folder, with one clear error per bad layout."""
-    if not os.path.isdir(root):
-        what = 'is not a folder' if os.path.exists(root) else 'does not exist'
-        raise UserError(f'data folder {root} {what}. {LAYOUT_HELP}')
-    try:
-        folder = PhotoFolder(root)
-    except OSError as e:
-        raise UserError(f'cannot read {e.filename or root}: {e.strerror or e}; check its permissions') from e
-    counts = [0] * len(folder.classes)
-    for _, label in folder.samples:
-        counts[label] += 1
-    empty = [c for c, n in zip(folder.classes, counts) if n == 0]
-    if empty:
-        raise UserError(f'class folder {os.path.join(root, empty[0])} holds no images '
-                        f'({", ".join(IMAGE_EXTENSIONS[:6])}, ...). Add photos or remove the folder.')
-    return folder.classes, folder.samples
+def is_image_file(path):
+    name = os.path.basename(path)
+    return not is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
 
+
+def collect_images(paths):
+    """Image files named on the command line or found (recursively) in named folders, and [path, problem]
+    for each path that gave none."""
+    files, problems = [], []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(d, f) for d, dirs, fs in os.walk(p) for f in fs if is_image_file(f)
+                           and not any(is_hidden(part) for part in Path(os.path.relpath(d, p)).parts))
+            if not found:
+                problems.append([p, f'{p}: folder holds no images ({", ".join(IMAGE_EXTENSIONS[:5])}, ...)'])
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            problems.append([p, f'{p}: no such file or folder'])
+    return files, problems
+
+
+def drop_unreadable(split, failures):
+    """Remove photos that could not be decoded; a class left without training photos is an error."""
+    bad = {path for path, _ in failures}
+    if not bad:
+        return split
+    for path, reason in failures:
+        if [path, reason] not in split.skipped:
+            split.skipped.append([path, reason])
+    split.train = [p for p in split.train if p.path not in bad]
+    split.val = [p for p in split.val if p.path not in bad]
+    for label, name in enumerate(split.classes):
+        if not any(p.label == label for p in split.train):
+            raise UserError(f'class {name!r} has no readable training photos left '
+                            f'({len(bad)} unreadable files skipped); add readable photos to it')
+    return split
+
+
+def print_split(split, note=''):
+    how = {'folders': 'train/ and val/ folders', 'grouped': 'split by patient'}[split.how]
+    say(f'data: {split.root} ({how}{note}): {len(split.train)} training, {len(split.val)} validation photos')
+    width = max(len(c) for c in split.classes)
+    say(f'  {"class":<{width}}  train    val')
+    for k, c in enumerate(split.classes):
+        say(f'  {c:<{width}}  {sum(p.label == k for p in split.train):5d}  {sum(p.label == k for p in split.val):5d}')
+
+
+def group_key(path):
+    """Patient of a photo: its class folder and file stem without a trailing _<digits> (P13_1, P13_2 -> P13)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.basename(os.path.dirname(path)), re.sub(r'_\d+$', '', stem)
+
+
+def patient_groups(photos):
+    """Group id per photo: same group key, or byte-identical files of one class (a duplicate under two
+    names is still one photo and must not straddle a split)."""
+    parent = list(range(len(photos)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first = {}
+    for i, p in enumerate(photos):
+        for key in (('name',) + group_key(p.path), ('bytes', p.label, p.sha)):
+            j = first.setdefault(key, i)
+            parent[find(i)] = find(j)
+    return [find(i) for i in range(len(photos))]
+
+
+def patients_by_class(photos):
+    """For each class in index order, its patients as lists of photo indices (in order of first photo)."""
+    groups, by_class = patient_groups(photos), {}
+    for i, p in enumerate(photos):
+        by_class.setdefault(p.label, {}).setdefault(groups[i], []).append(i)
+    return [list(by_class[label].values()) for label in sorted(by_class)]
+
+
+def grouped_folds(photos, folds, seed):
+    """Stratified folds that keep each patient's photos together: per class, patients (largest first,
+    ties in seeded random order) go to the fold holding fewest photos of that class."""
+    rng, fold_of = random.Random(seed), [0] * len(photos)
+    for order in patients_by_class(photos):
+        rng.shuffle(order)
+        order.sort(key=len, reverse=True)  # stable: equal sizes keep the shuffled order
+        load = [0] * folds
+        for idx in order:
+            f = min(range(folds), key=lambda k: (load[k], k))
+            load[f] += len(idx)
+            for i in idx:
+                fold_of[i] = f
+    return fold_of
+
+
+def grouped_split(photos, val_fraction, seed):
+    """(train, val): per class, whole patients in seeded random order go to validation until it holds
+    val_fraction of that class's photos."""
+    rng, in_val = random.Random(seed), [False] * len(photos)
+    for order in patients_by_class(photos):
+        rng.shuffle(order)
+        target, taken = round(val_fraction * sum(map(len, order))), 0
+        for idx in order[:-1]:  # the last patient always stays in train, so train keeps every class
+            if taken >= target:
+                break
+            taken += len(idx)
+            for i in idx:
+                in_val[i] = True
+    return ([p for p, v in zip(photos, in_val) if not v], [p for p, v in zip(photos, in_val) if v])
+
+
+# --- images: decoded as a person sees them, cut into the crops the backbone sees --------------------
 
 def load_rgb(path, draft=None):
     """Open an image file as a person would see it: EXIF rotation applied, any mode made 8-bit RGB.
@@ -317,158 +655,31 @@ def describe_image_error(path, e):
     return f'{path}: unreadable image ({reason}); the file is damaged or truncated, copy it again'
 
 
-def group_key(path):
-    """Patient of a photo: its class folder and file stem without a trailing _<digits> (P13_1, P13_2 -> P13)."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return os.path.basename(os.path.dirname(path)), re.sub(r'_\d+$', '', stem)
+def report_skipped(failures, listed_in='', most=10):
+    """One warning per unreadable file, naming it; past `most`, a count."""
+    for _, reason in failures[:most]:
+        warn(f'skipped {reason}')
+    if len(failures) > most:
+        warn(f'skipped {len(failures) - most} more unreadable files')
+    if failures and listed_in:
+        warn(f'{len(failures)} unreadable file(s) skipped in all; they are listed in {listed_in}')
 
 
-def patient_groups(photos):
-    """Group id per photo: same group key, or byte-identical files of one class (a duplicate under two
-    names is still one photo and must not straddle a split)."""
-    parent = list(range(len(photos)))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first = {}
-    for i, p in enumerate(photos):
-        for key in (('name',) + group_key(p.path), ('bytes', p.label, p.sha)):
-            j = first.setdefault(key, i)
-            parent[find(i)] = find(j)
-    return [find(i) for i in range(len(photos))]
-
-
-def patients_by_class(photos):
-    """For each class in index order, its patients as lists of photo indices (in order of first photo)."""
-    groups = patient_groups(photos)
-    by_class = {}
-    for i, p in enumerate(photos):
-        by_class.setdefault(p.label, {}).setdefault(groups[i], []).append(i)
-    return [list(by_class[label].values()) for label in sorted(by_class)]
-
-
-def grouped_folds(photos, folds, seed):
-    """Stratified folds that keep each patient's photos together: per class, patients (largest first,
-    ties in seeded random order) go to the fold holding fewest photos of that class."""
-    rng = random.Random(seed)
-    fold_of = [0] * len(photos)
-    for order in patients_by_class(photos):
-        rng.shuffle(order)
-        order.sort(key=len, reverse=True)  # stable: equal sizes keep the shuffled order
-        load = [0] * folds
-        for idx in order:
-            f = min(range(folds), key=lambda k: (load[k], k))
-            load[f] += len(idx)
-            for i in idx:
-                fold_of[i] = f
-    return fold_of
-
-
-def grouped_split(photos, val_fraction, seed):
-    """(train, val): per class, whole patients in seeded random order go to validation until it holds
-    val_fraction of that class's photos."""
-    rng = random.Random(seed)
-    in_val = [False] * len(photos)
-    for order in patients_by_class(photos):
-        rng.shuffle(order)
-        target = round(val_fraction * sum(map(len, order)))
-        taken = 0
-        for idx in order[:-1]:  # the last patient always stays in train, so train keeps every class
-            if taken >= target:
-                break
-            taken += len(idx)
-            for i in idx:
-                in_val[i] = True
-    return ([p for p, v in zip(photos, in_val) if not v], [p for p, v in zip(photos, in_val) if v])
-
-
-def read_photos(root, classes=None, memo=None):
-    """Photos of an ImageFolder-style folder; with `classes`, its class names must be among them."""
-    found, samples = scan_folder(root)
-    if classes is None:
-        classes = found
-    unknown = [c for c in found if c not in classes]
-    if unknown:
-        raise UserError(f'{os.path.join(root, unknown[0])}: class {unknown[0]!r} is not one of the model\'s '
-                        f'classes {classes}; rename the folder or remove it')
-    photos = []
-    for path, label in samples:
-        try:
-            sha = sha256_file(path, memo)
-        except OSError as e:
-            raise UserError(f'{path}: cannot read ({e.strerror or e}); check its permissions') from e
-        photos.append(Photo(path, classes.index(found[label]), sha))
-    return classes, photos
-
-
-def load_split(data, val_fraction, seed, memo=None):
-    """The training and validation photos of --data: DIR/train and DIR/val when DIR/train exists,
-    else DIR's class folders split here by patient."""
-    if os.path.isdir(os.path.join(data, 'train')):
-        classes, train = read_photos(os.path.join(data, 'train'), memo=memo)
-        val = []
-        if os.path.isdir(os.path.join(data, 'val')):
-            _, val = read_photos(os.path.join(data, 'val'), classes, memo)
-        split = Split(data, classes, train, val, 'folders')
-    else:
-        classes, photos = read_photos(data, memo=memo)
-        train, val = grouped_split(photos, val_fraction, seed)
-        split = Split(data, classes, train, val, 'grouped')
-    if len(split.classes) < 2:
-        raise UserError(f'{data} has only one class folder ({split.classes[0]!r}); a classifier needs at least '
-                        f'two. {LAYOUT_HELP}')
-    return split
-
-
-def drop_unreadable(split, failures):
-    """Remove photos that could not be decoded; a class left without training photos is an error."""
-    bad = {path for path, _ in failures}
-    if not bad:
-        return split
-    for path, reason in failures:
-        if [path, reason] not in split.skipped:
-            split.skipped.append([path, reason])
-    split.train = [p for p in split.train if p.path not in bad]
-    split.val = [p for p in split.val if p.path not in bad]
-    for label, name in enumerate(split.classes):
-        if not any(p.label == label for p in split.train):
-            raise UserError(f'class {name!r} has no readable training photos left '
-                            f'({len(bad)} unreadable files skipped); add readable photos to it')
-    return split
-
-
-def print_split(split, note=''):
-    counts = lambda photos, k: sum(p.label == k for p in photos)  # noqa: E731
-    how = {'folders': 'train/ and val/ folders',
-           'grouped': 'split by patient'}[split.how]
-    say(f'data: {split.root} ({how}{note}): {len(split.train)} training, {len(split.val)} validation photos')
-    width = max(len(c) for c in split.classes)
-    say(f'  {"class":<{width}}  train    val')
-    for k, c in enumerate(split.classes):
-        say(f'  {c:<{width}}  {counts(split.train, k):5d}  {counts(split.val, k):5d}')
-
-
-def preprocessing(ckpt=None):
-    """Image size, resize, mean and std: a checkpoint's own (predict and evaluate), else the constants."""
+def preprocessing(cfg, ckpt=None):
+    """Image size, resize, mean and std: a checkpoint's own (predict and evaluate), else the settings'."""
     p = (ckpt or {}).get('preprocess') or {}
-    return {'image_size': p.get('image_size', IMAGE_SIZE), 'resize': p.get('resize', RESIZE),
-            'mean': list(p.get('mean', MEAN)), 'std': list(p.get('std', STD))}
+    return {'image_size': p.get('image_size', cfg.image_size), 'resize': p.get('resize', cfg.resize),
+            'mean': list(p.get('mean', cfg.mean)), 'std': list(p.get('std', cfg.std))}
 
 
-def eval_transform(pre=None):
-    pre = pre or preprocessing()
+def eval_transform(pre):
     return T.Compose([T.Resize(pre['resize']), T.CenterCrop(pre['image_size']), T.ToTensor(),
                       T.Normalize(pre['mean'], pre['std'])])
 
 
-def train_transform(crop_scale=None):
-    scale = (CROP_SCALE if crop_scale is None else crop_scale, 1.0)
-    return T.Compose([T.RandomResizedCrop(IMAGE_SIZE, scale=scale), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(MEAN, STD)])
+def train_transform(pre, crop_scale):
+    return T.Compose([T.RandomResizedCrop(pre['image_size'], scale=(crop_scale, 1.0)), T.RandomHorizontalFlip(),
+                      T.ToTensor(), T.Normalize(pre['mean'], pre['std'])])
 
 
 def view_seed(sha, view):
@@ -481,9 +692,9 @@ class ViewDataset(torch.utils.data.Dataset):
     """Item i: photo i decoded once and cut into the views asked for ('eval', or a named random view).
     Unreadable photos come back as an error line instead of raising, so one bad file skips one photo."""
 
-    def __init__(self, photos, views, crop_scale=None, pre=None):
-        self.photos, self.views, self.resize = photos, views, (pre or preprocessing())['resize']
-        self.eval_tf, self.train_tf = eval_transform(pre), train_transform(crop_scale)
+    def __init__(self, photos, views, pre, crop_scale):
+        self.photos, self.views, self.resize = photos, views, pre['resize']
+        self.eval_tf, self.train_tf = eval_transform(pre), train_transform(pre, crop_scale)
 
     def __len__(self):
         return len(self.photos)
@@ -505,68 +716,1272 @@ class ViewDataset(torch.utils.data.Dataset):
         return i, torch.stack(crops), None
 
 
-def report_skipped(failures, listed_in='', most=10):
-    """One warning per unreadable file, naming it; past `most`, a count."""
-    for _, reason in failures[:most]:
-        warn(f'skipped {reason}')
-    if len(failures) > most:
-        warn(f'skipped {len(failures) - most} more unreadable files')
-    if failures and listed_in:
-        warn(f'{len(failures)} unreadable file(s) skipped in all; they are listed in {listed_in}')
+# ================================================================================================
+# Model: a torchvision backbone with a new head, its weights, what is frozen, and its arithmetic
+
+def build_model(arch, num_classes, state=None, load_head=False, seed=0):
+    """torchvision's `arch` with its classifier replaced by a new Linear(features, num_classes).
+    `state`: a state_dict for this arch; its head is loaded only with `load_head` (a checkpoint of
+    ours), otherwise the head is freshly initialised from `seed` (ImageNet weights have 1000 outputs)."""
+    torch.manual_seed(seed)
+    model = construct(arch, meta=state is not None)
+    name = head_name(model)
+    model.set_submodule(name, new_head(model.get_submodule(name).in_features, num_classes, seed))
+    if state is None:
+        return model.eval()
+    head_keys = {f'{name}.weight', f'{name}.bias'}
+    if not load_head:
+        state = {k: v for k, v in state.items() if k not in head_keys}
+    missing, unexpected = load_state(model, state)
+    missing = [k for k in missing if load_head or k not in head_keys]
+    if missing or unexpected:
+        raise WeightsMismatch(arch, missing, unexpected)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        fresh = construct(arch, meta=False)  # a buffer the state_dict does not carry: build for real
+        fresh.set_submodule(name, model.get_submodule(name))
+        fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not v.is_meta}, strict=False)
+        model = fresh
+    return model.eval()
 
 
-def collate_views(batch):
-    return batch  # variable numbers of views per photo: the consumer concatenates
+def pretrained_model(cfg, spec, num_classes):
+    """--arch with --weights loaded and a fresh head, frozen; wrong weights are a one-line error."""
+    state = load_weights(cfg.arch, spec)
+    try:
+        model = build_model(cfg.arch, num_classes, state, seed=cfg.seed)
+    except WeightsMismatch as e:
+        other = guess_arch(state)
+        hint = f'they look like {other}: pass --arch {other}' if other else f'pass weights made for {cfg.arch}'
+        raise UserError(f'weights {spec.name} {e}; {hint}') from e
+    freeze(model)
+    return model
 
 
-def photo_loader(photos, views, batch_photos, workers, device, crop_scale=None, pre=None):
-    """This rank's photos, `batch_photos` at a time, decoded in `workers` processes."""
-    return torch.utils.data.DataLoader(ViewDataset(photos, views, crop_scale, pre),
-                                       batch_sampler=my_chunks(len(photos), batch_photos), num_workers=workers,
-                                       collate_fn=collate_views, pin_memory=device.type == 'cuda')
+def construct(arch, meta):
+    """torchvision's `arch`, parameters on the meta device (no memory, no init) when `meta`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # googlenet/inception init notices
+        if meta:
+            try:
+                with torch.device('meta'):
+                    return torchvision.models.get_model(arch, weights=None)
+            except Exception:  # some builders compute on tensors (regnet): build for real
+                pass
+        return torchvision.models.get_model(arch, weights=None)
 
 
-def default_workers():
-    """Decoding processes: with a GPU, one per spare core (up to 4) keeps it fed. On a CPU the backbone's
-    threads already use every core and extra processes only compete with them: on 2 cores, 1 worker made
-    extraction 16% slower than decoding in the main process (MSLD photos, ResNet101, bf16)."""
-    if WORKERS >= 0:
-        return WORKERS
+def new_head(in_features, num_classes, seed):
+    """The new classifier, drawn from `seed`: train's full model and cv's bare heads start alike."""
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, num_classes)
+
+
+def head_name(model):
+    """Name of the classifier layer: the model's last nn.Linear (fc, classifier.1, heads.head, ...)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise UserError(f'{type(model).__name__} has no linear classifier layer to replace; choose another --arch')
+    return names[-1]
+
+
+@contextlib.contextmanager
+def without_head(model):
+    """The model with its head swapped for Identity: its output is then the features the head reads."""
+    name = head_name(model)
+    head = model.get_submodule(name)
+    model.set_submodule(name, nn.Identity())
+    try:
+        yield model
+    finally:
+        model.set_submodule(name, head)
+
+
+class WeightsMismatch(Exception):
+    def __init__(self, arch, missing, unexpected):
+        self.arch, self.missing, self.unexpected = arch, missing, unexpected
+        parts = []
+        if missing:
+            parts.append(f'{len(missing)} tensors missing (e.g. {missing[0]})')
+        if unexpected:
+            parts.append(f'{len(unexpected)} unexpected (e.g. {unexpected[0]})')
+        super().__init__(f'do not fit {arch}: ' + ', '.join(parts))
+
+
+def load_state(model, state):
+    """load_state_dict with assign (no copy: the tensors may be memory-mapped from the file), turning
+    shape mismatches into a WeightsMismatch that names the tensor."""
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        k = bad[0]
+        raise WeightsMismatch(f'{type(model).__name__} ({k} is {tuple(state[k].shape)} in the file, '
+                              f'{tuple(own[k].shape)} in the model)', [], [])
+    result = model.load_state_dict(state, strict=False, assign=True)
+    return result.missing_keys, result.unexpected_keys
+
+
+COMMON_ARCHS = ('resnet101', 'resnet50', 'resnet18', 'resnet34', 'resnet152', 'mobilenet_v2', 'mobilenet_v3_large',
+                'mobilenet_v3_small', 'efficientnet_b0', 'densenet121', 'vgg16', 'convnext_tiny', 'vit_b_16',
+                'wide_resnet50_2', 'resnext50_32x4d')
+
+
+def guess_arch(state, prefer=None):
+    """The torchvision architecture whose tensor names and shapes (classifier aside) match a state_dict."""
+    for arch in dict.fromkeys([a for a in (prefer,) if a] + list(COMMON_ARCHS)):
+        model = construct(arch, meta=True)
+        own, head = model.state_dict(), head_name(model)
+        body = {k for k in own if not k.startswith(head + '.')}
+        if body == {k for k in state if not k.startswith(head + '.')} and \
+                all(tuple(own[k].shape) == tuple(state[k].shape) for k in body):
+            return arch
+    return None
+
+
+def backbone_stages(model):
+    """The backbone's stages in order, the last ones being the first to unfreeze."""
+    if all(hasattr(model, f'layer{i}') for i in range(1, 5)):
+        return [getattr(model, f'layer{i}') for i in range(1, 5)]  # ResNet, ResNeXt, Wide ResNet
+    features = getattr(model, 'features', None)
+    if isinstance(features, nn.Sequential):
+        return list(features)  # MobileNet, EfficientNet, VGG, DenseNet, ConvNeXt
+    raise UserError(f'--unfreeze supports ResNets and models with a `features` stack (MobileNet, EfficientNet, '
+                    f'ConvNeXt, VGG, DenseNet); not {type(model).__name__}')
+
+
+def freeze(model, unfreeze=0):
+    """Freeze everything but the head and the last `unfreeze` stages, and return the trainable modules.
+    The model stays in eval mode throughout training: BatchNorm uses and keeps its ImageNet statistics."""
+    model.requires_grad_(False)
+    head = model.get_submodule(head_name(model))
+    stages = backbone_stages(model)[-unfreeze:] if unfreeze else []
+    for m in [head] + stages:
+        m.requires_grad_(True)
+    model.eval()
+    return head, stages
+
+
+def trainable_state(model):
+    """Copies (never references) of the tensors that training changes."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+@dataclasses.dataclass
+class WeightsSpec:
+    kind: str          # 'file', 'torchvision' or 'none'
+    name: str          # file path, weights enum name (e.g. ResNet101_Weights.IMAGENET1K_V2), or 'none'
+    ident: str         # what identifies the numbers: sha256 of the file, the torchvision file name, or the seed
+    url: str = ''
+
+
+def resolve_weights(cfg, memo=None):
+    """What --weights means for --arch, without loading anything yet ('auto' was resolved when parsing)."""
+    arch, weights = cfg.arch, cfg.weights
+    if weights.lower() == 'none':
+        return WeightsSpec('none', 'none', f'random-init:{arch}:seed{cfg.seed}:torch{str(torch.__version__)}')
+    if os.path.sep in weights or os.path.exists(weights) or weights.endswith(('.pth', '.pt', '.pkl', '.bin')):
+        if not os.path.isfile(weights):
+            raise UserError(f'weights file {weights} does not exist; pass an existing file, a torchvision weights '
+                            'name (DEFAULT, IMAGENET1K_V1, ...) or --weights none')
+        return WeightsSpec('file', weights, sha256_file(weights, memo))
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+        w = enum[weights] if weights in enum.__members__ else enum.verify(weights)
+    except (KeyError, ValueError, TypeError):
+        names = ', '.join(torchvision.models.get_model_weights(arch).__members__)
+        raise UserError(f'--weights {weights}: not a file, and not a weights name of {arch} ({names}, none)')
+    return WeightsSpec('torchvision', f'{type(w).__name__}.{w.name}', os.path.basename(w.url), w.url)
+
+
+def load_weights(arch, spec):
+    """The state_dict that --weights names (None for random init), loaded without executing code."""
+    if spec.kind == 'none':
+        return None
+    if spec.kind == 'file':
+        state = safe_torch_load(spec.name, what='weights file')
+        if isinstance(state, dict) and state.get('format') == CHECKPOINT_FORMAT:
+            state = state['model']  # start from one of our checkpoints
+        elif isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+            state = state['state_dict']
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise UserError(f'{spec.name} is not a state_dict (name -> tensor) of {arch}; '
+                            'pass the .pth file torchvision publishes for it')
+        return {k.removeprefix('module.'): v for k, v in state.items()}  # DistributedDataParallel prefix
+    file = os.path.join(torch.hub.get_dir(), 'checkpoints', spec.ident)
+    try:
+        return torch.hub.load_state_dict_from_url(spec.url, progress=sys.stderr.isatty(), check_hash=True,
+                                                  weights_only=True, map_location='cpu')
+    except Exception as e:
+        reason = getattr(e, 'reason', None) or str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f'cannot load {spec.name}: {file} is not there and downloading {spec.url} failed '
+                        f'({reason}). Put the file there (or set MODEL_PATH / --weights to a copy of it), '
+                        'or pass --weights none for random weights') from e
+
+
+def resolve_device(device):
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    return torch.device(device)
+
+
+def resolve_precision(precision, device):
+    if precision != 'auto':
+        return precision
+    if device.type == 'cuda':
+        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
+    fast = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)() or \
+        getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()
+    return 'bf16' if fast else 'fp32'
+
+
+def scoring_precision(cfg, loaded, device):
+    """--precision for evaluate and predict: auto means the checkpoint's own, so that they compute the numbers
+    training validated, unless it was bf16 and this machine is not fast at it."""
+    if cfg.precision != 'auto':
+        return cfg.precision
+    return 'fp32' if loaded.ckpt.get('precision') == 'fp32' else resolve_precision('auto', device)
+
+
+def autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+
+
+# ================================================================================================
+# Inference: the one loop that runs photos through a model (extraction, validation, evaluate, predict)
+
+def run_batches(fn, photos, views, cfg, device, pre, desc):
+    """This rank's share of `photos`, each decoded once (in decode_workers processes) and cut into its
+    `views` (a list of view names per photo), through `fn` (a batch of crops on `device` -> one output
+    row per crop) in batches of about --extract-batch-size crops. Yields (indices, outputs, failures) per
+    batch: the photos whose crops gave the rows of `outputs` (on the CPU, views in photo order; None when
+    there are none) and [index, reason] for each photo that could not be read. Any model plugs in as `fn`."""
+    chunks = my_chunks(len(photos), max(1, cfg.extract_batch_size // max(map(len, views), default=1)))
+    loader = photo_loader(photos, views, pre, cfg, device, batch_sampler=chunks, workers=len(chunks) > 1)
+    with tqdm(total=sum(len(views[i]) for chunk in chunks for i in chunk), desc=desc, unit='crop', leave=False,
+              disable=None if is_main() else True) as bar:
+        for batch in loader:
+            ok, out = [(i, x) for i, x, err in batch if err is None], None
+            if ok:
+                with torch.inference_mode():
+                    out = fn(backbone_input(torch.cat([x for _, x in ok]), device)).cpu()
+            bar.update(sum(len(views[i]) for i, _, _ in batch))
+            yield [i for i, _ in ok], out, [[i, err] for i, _, err in batch if err]
+
+
+def score_photos(fn, photos, cfg, device, pre, desc):
+    """`fn`'s row for each photo's evaluation view, computed in batches shared among the ranks and gathered:
+    ({photo index: row as a list}, sorted [path, reason] of the photos that could not be read)."""
+    rows, failures = {}, []
+    for done, out, bad in run_batches(fn, photos, [[EVAL_VIEW]] * len(photos), cfg, device, pre, desc):
+        rows.update(zip(done, out.tolist() if out is not None else []))
+        failures += [[photos[i].path, reason] for i, reason in bad]
+    merged, every_failure = {}, []
+    for part, fails in gather((rows, failures)):
+        merged.update(part)
+        every_failure += fails
+    return merged, sorted(every_failure)
+
+
+def classifier(model, device, precision, probs=True):
+    """A batch of crops -> class probabilities (or logits): the backbone in its precision, the head in
+    fp32 on the features, exactly as training computes them."""
+    backbone, head = inference_model(model, device, precision)
+
+    def fn(x):
+        logits = head(backbone(x).float())
+        return logits.softmax(1) if probs else logits
+    return fn
+
+
+class Headless(nn.Module):
+    """A model's backbone: the model with its head set aside, under bf16 autocast when asked."""
+
+    def __init__(self, model, precision):
+        super().__init__()
+        self.model, self.precision = model, precision
+
+    def forward(self, x):
+        with without_head(self.model), autocast(x.device, self.precision):
+            return self.model(x)
+
+
+def inference_model(model, device, precision):
+    """The backbone and the head for passes without gradients (features, predict, evaluate, validation),
+    channels_last. In fp32, BatchNorm is folded into the convolutions before it (torch.fx; exact up to
+    rounding). In bf16 the model runs under autocast as it is: folding first and rounding the folded
+    weights to bf16 ran 1.4x faster but cost 1.4 points of cross-validated accuracy (MobileNetV2, MSLD,
+    6 fold seeds). Every pass that scores photos goes through here, so training, evaluate and predict
+    compute the same numbers."""
+    model.to(device)
+    backbone = Headless(model, precision)
+    if precision == 'fp32':
+        from torch.fx.experimental.optimization import fuse
+        with without_head(model):
+            try:
+                backbone = fuse(model)  # a headless copy, eval-mode conv+BatchNorm pairs folded
+            except Exception:  # a model torch.fx cannot trace: unfused, still correct
+                pass
+    backbone.to(memory_format=torch.channels_last)
+    return backbone.eval(), model.get_submodule(head_name(model))
+
+
+def photo_loader(photos, views, pre, cfg, device, workers=True, **batching):
+    """The photos decoded and cut into their views, in decode_workers processes (none for a single batch)."""
+    return torch.utils.data.DataLoader(ViewDataset(photos, views, pre, cfg.crop_scale), collate_fn=list, **batching,
+                                       num_workers=decode_workers(cfg.workers, device) if workers else 0,
+                                       pin_memory=device.type == 'cuda')
+
+
+def backbone_input(x, device):
+    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+def decode_workers(workers, device):
+    """Decoding processes (--workers; -1: auto). With a GPU, one per spare core (up to 4) keeps it fed.
+    On a CPU the backbone's threads already use every core and extra processes only compete with them: on
+    2 cores, 1 worker made extraction 16% slower than decoding in the main process (MSLD, ResNet101, bf16)."""
+    if workers >= 0:
+        return workers
     cores = os.cpu_count() or 1
-    if torch.cuda.is_available():
+    if device.type == 'cuda':
         return max(0, min(4, cores - 1))
     return 0 if cores <= 4 else min(4, cores // 8)
 
 
-def download(cfg):
-    """Fetch the authors' archive of the MSLD photos, verify it, and lay it out as train/ val/ test/ by
-    patient. Everything happens in a temporary folder beside --dest, renamed into place at the end:
-    an interrupted or failed download leaves --dest as it was."""
-    dest = Path(cfg.dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not cfg.force:
-        raise UserError(f'{dest} exists and is not empty; pass --force to replace it, or choose --dest')
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f'.{dest.name}-download-', dir=dest.parent))
-    try:
-        archive = work / 'archive.rar'
-        fetch(cfg.url, archive)
-        size, md5 = archive.stat().st_size, hashlib.md5(archive.read_bytes()).hexdigest()
-        if (size, md5) != (ARCHIVE_BYTES, ARCHIVE_MD5):
-            raise UserError(f'{cfg.url}: got {size:,} bytes with md5 {md5}, expected {ARCHIVE_BYTES:,} bytes with '
-                            f'md5 {ARCHIVE_MD5}; the download is damaged or not the MSLD archive. Nothing was written '
-                            f'to {dest}')
-        extract_rar(archive, work / 'all')
-        layout_dataset(work / 'all', work / 'out', cfg.seed)
-        if dest.exists():
-            old = work / 'replaced'
-            os.replace(dest, old)
-        os.replace(work / 'out', dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    say(f'{dest}: the 228 MSLD photos in train/ val/ test/ (split by patient, seed {cfg.seed}; {dest / "SPLIT.csv"}); '
-        f'license CC BY-NC, see {dest / "LICENSE.txt"}')
-    return dest
+# ================================================================================================
+# Features: each photo goes through the frozen backbone once per view; the results are cached on disk
 
+@dataclasses.dataclass
+class Features:
+    photos: list         # Photos, in row order
+    x: torch.Tensor      # [photos, views, dim] backbone features
+    y: torch.Tensor      # [photos] class indices
+
+    def subset(self, idx):
+        return Features([self.photos[i] for i in idx], self.x[idx], self.y[idx])
+
+
+class Extractor:
+    """Runs photos through the frozen backbone, once per (photo, view), reading and filling the cache.
+    The model is built only when something is missing from the cache: a warm run never builds it."""
+
+    def __init__(self, cfg, classes, spec):
+        self.cfg, self.classes, self.spec = cfg, classes, spec
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.dtype = torch.bfloat16 if self.precision == 'bf16' else torch.float32  # of the stored features
+        self.pre = preprocessing(cfg)
+        self.about = {'arch': cfg.arch, 'weights': spec.name, 'weights_id': spec.ident,
+                      'precision': self.precision, 'device': self.device.type, 'torch': str(torch.__version__),
+                      'torchvision': torchvision.__version__, 'eval_transform': repr(eval_transform(self.pre)),
+                      'train_transform': repr(train_transform(self.pre, cfg.crop_scale)),
+                      'inference': 'bf16 autocast; fp32 with batchnorm folded'}
+        key = hashlib.sha256(json.dumps(self.about, sort_keys=True).encode()).hexdigest()[:16]
+        self.cache, self._model = FeatureCache(cfg.cache or None, key, self.about), None
+        self.backbone_calls = 0  # batches that went through the backbone (the tests count them)
+        self.crops, self.seconds = 0, 0.0  # crops computed, and the wall time it took (the benchmark reads it)
+
+    def model(self):
+        """The pretrained model with a new head, frozen; built on first use."""
+        if self._model is None:
+            self._model = pretrained_model(self.cfg, self.spec, len(self.classes))
+        return self._model
+
+    def features(self, photos, views):
+        """Features of the given views of each readable photo, and [path, reason] for each photo that could
+        not be read (left out)."""
+        keys = [[f'{p.sha}:{v}' for v in views] for p in photos]
+        missing = {i: [v for v, k in zip(views, ks) if k not in self.cache.rows] for i, ks in enumerate(keys)}
+        missing = {i: vs for i, vs in missing.items() if vs}
+        if RANKS.world > 1:  # caches can differ between machines: compute whatever any rank lacks
+            union = {}
+            for part in gather(missing):
+                for i, vs in part.items():
+                    union.setdefault(i, set()).update(vs)
+            missing = {i: [v for v in views if v in union[i]] for i in union}
+        todo = sorted(missing)
+        failures = self._extract([photos[i] for i in todo], [missing[i] for i in todo]) if todo else []
+        bad = {path for path, _ in failures}
+        keep = [i for i, p in enumerate(photos) if p.path not in bad]
+        rows = [torch.stack([self.cache.rows[k] for k in keys[i]]) for i in keep]
+        x = torch.stack(rows) if rows else torch.zeros(0, len(views), 0, dtype=self.dtype)
+        return Features([photos[i] for i in keep], x, torch.tensor([photos[i].label for i in keep])), failures
+
+    def _extract(self, photos, views):
+        """Run this rank's share of the photos through the backbone, write its own cache packs (as it goes,
+        and what it has on Ctrl-C), and share the results with the other ranks."""
+        t0 = time.perf_counter()
+        backbone, _ = inference_model(self.model(), self.device, self.precision)
+        failures, pending, own, last_flush = [], ([], []), ([], []), time.time()
+        try:
+            for done, f, bad in run_batches(lambda x: backbone(x).to(self.dtype), photos, views, self.cfg, self.device,
+                                            self.pre, f'extract {self.cfg.arch} features'):
+                failures += [[photos[i].path, reason] for i, reason in bad]
+                if f is None:
+                    continue
+                keys = [f'{photos[i].sha}:{v}' for i in done for v in views[i]]
+                self.backbone_calls += 1
+                self.crops += len(f)
+                for keep in (pending, own):
+                    keep[0].extend(keys)
+                    keep[1].append(f)
+                if time.time() - last_flush > 30:  # long extractions save as they go
+                    self.cache.put(pending[0], torch.cat(pending[1]))
+                    pending, last_flush = ([], []), time.time()
+        except KeyboardInterrupt:
+            say(f'interrupted during feature extraction: {len(own[0])} features kept' +
+                (f' in the cache {self.cache.dir}; run the same command again to continue' if self.cache.dir
+                 else ' in memory only (--no-cache): nothing saved') + '; no checkpoint was written by this run')
+            raise
+        finally:
+            if pending[0]:  # also on Ctrl-C: what was computed is kept, as complete packs (each rank its own)
+                self.cache.put(pending[0], torch.cat(pending[1]))
+            if RANKS.world == 1:
+                self.cache.compact()
+            self.seconds += time.perf_counter() - t0
+        if RANKS.world > 1:  # every rank gets every feature; each wrote only its own packs
+            failures = []
+            for r, (keys, feats, fails) in enumerate(gather((own[0], torch.cat(own[1]) if own[1] else None,
+                                                             failures))):
+                failures += fails
+                if r != RANKS.rank and feats is not None:
+                    self.cache.rows.update(zip(keys, feats))
+        return failures
+
+
+class FeatureCache:
+    """Backbone features keyed by '<photo sha256>:<view>', for one model key (arch, weights, transforms,
+    precision, device type and torch version hashed together). Stored in packs, each written whole
+    (temporary file, then rename) with a digest of its contents: an interrupted write never appears,
+    and a damaged pack is detected, reported, deleted and recomputed, never trusted."""
+
+    def __init__(self, root, key, about):
+        self.dir, self.rows, self.about = Path(root) / key if root else None, {}, about
+        if self.dir and self.dir.is_dir():
+            for pack in sorted(self.dir.glob('pack-*.pt')):
+                self._read(pack)
+
+    def _read(self, pack):
+        try:
+            data = torch.load(pack, map_location='cpu', weights_only=True)
+            keys, feats = data['keys'], data['features']
+            if data['digest'] != self.digest(keys, feats):
+                raise ValueError('digest mismatch')
+        except Exception as e:
+            warn(f'feature cache {pack} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__});'
+                 ' deleted, its features will be recomputed')
+            with contextlib.suppress(OSError):
+                pack.unlink()
+            return
+        for k, row in zip(keys, feats):
+            self.rows[k] = row
+
+    @staticmethod
+    def digest(keys, feats):
+        h = hashlib.sha256('\n'.join(keys).encode())
+        h.update(str((tuple(feats.shape), str(feats.dtype))).encode())
+        h.update(feats.contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def put(self, keys, feats):
+        """Keep the rows, and write them as one new pack (its path is returned; None in memory only)."""
+        feats = feats.contiguous()
+        for k, row in zip(keys, feats):
+            self.rows[k] = row
+        if self.dir is None or not keys:
+            return
+        if not (self.dir / 'about.json').exists():
+            atomic_write(self.dir / 'about.json', lambda f: f.write(json.dumps(self.about, indent=1).encode()))
+        path = self.dir / f'pack-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}-{os.urandom(4).hex()}.pt'
+        torch_save({'keys': list(keys), 'features': feats, 'digest': self.digest(keys, feats)}, path)
+        return path
+
+    def compact(self, most=8):
+        """Merge the packs into one once there are more than `most`, so a warm start reads few files."""
+        if self.dir is None:
+            return
+        packs = sorted(self.dir.glob('pack-*.pt'))
+        if len(packs) <= most:
+            return
+        keys = sorted(self.rows)
+        merged = self.put(keys, torch.stack([self.rows[k] for k in keys]))
+        for p in packs:
+            if p != merged:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
+def load_memo(cache):
+    """sha256 of photos and weights files from an earlier run, by path, size and mtime (see sha256_file)."""
+    if not cache:
+        return {}
+    try:
+        with open(os.path.join(cache, 'hashes.json')) as f:
+            return json.load(f)
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def save_memo(cache, memo):
+    if cache:
+        with contextlib.suppress(UserError):
+            atomic_write(os.path.join(cache, 'hashes.json'), lambda f: f.write(json.dumps(memo).encode()))
+
+
+# ================================================================================================
+# Training: the head on stored features, fine-tuning, and the bookkeeping of one run
+
+class Run:
+    """One training run. What the fit functions read: the settings, the model (a full model, or cv's bare
+    head on stored features), the training features (random views) and validation features (evaluation
+    view), the classes, and a resumed run's state. What they leave here: the per-epoch history and
+    progress lines, and the best epoch (copied, never referenced); with a `checkpoint` path, the atomic
+    best checkpoint and the resume file too."""
+
+    def __init__(self, cfg, model, train, val, classes, positive, meta=None, checkpoint=None):
+        self.cfg, self.model, self.train, self.val = cfg, model, train, val
+        self.classes, self.positive, self.meta, self.resume = classes, positive, meta, None
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.history, self.best, self.best_written = [], None, None
+        self.last_write = time.time()  # fast (head) epochs: the best is written once, at the end
+        # only rank 0 writes files; every rank keeps the same history and best (their numbers are equal)
+        self.checkpoint = checkpoint if checkpoint and is_main() else None
+
+    def end_epoch(self, stage, epoch, epochs, train_stats, val, optimizer, rng, seconds):
+        """Record an epoch, print its line, keep it if it is the best, and save what a resume needs."""
+        row = {'stage': stage, 'epoch': epoch, 'train_loss': train_stats['loss'], 'train_accuracy':
+               train_stats['accuracy'], 'val_loss': val['metrics']['loss'] if val else float('nan'),
+               'val_accuracy': val['metrics']['accuracy'] if val else float('nan'),
+               'val_balanced_accuracy': val['metrics']['balanced_accuracy'] if val else float('nan'),
+               'seconds': seconds}
+        self.history.append(row)
+        improved = val is not None and (self.best is None or (val['metrics']['balanced_accuracy'],
+                                                             -val['metrics']['loss']) > tuple(self.best['score']))
+        if val is None or improved:  # with no validation photos the last epoch is the model
+            self.best = {'stage': stage, 'epoch': epoch, 'state': trainable_state(self.model),
+                         'score': [val['metrics']['balanced_accuracy'], -val['metrics']['loss']] if val else [],
+                         'metrics': val['operating'] if val else {},
+                         'threshold': val['threshold'] if val else self.cfg.threshold}
+        v = (f' | val loss {row["val_loss"]:.3f} acc {row["val_accuracy"]:.3f} bal {row["val_balanced_accuracy"]:.3f}'
+             if val else '')
+        say(f'{stage} epoch {epoch:3d}/{epochs} | train loss {row["train_loss"]:.3f} acc {row["train_accuracy"]:.3f}'
+            f'{v} | {seconds:.2f}s{" *" if improved else ""}')
+        if self.checkpoint:
+            if self.best is not self.best_written and time.time() - self.last_write >= self.cfg.checkpoint_seconds:
+                self.write_best()
+            torch_save({'format': 'monkeypox.py resume', 'fingerprint': self.meta['fingerprint'], 'stage': stage,
+                        'epoch': epoch, 'trainable': trainable_state(self.model), 'optimizer': optimizer.state_dict(),
+                        'rng': rng.get_state() if rng is not None else None, 'history': self.history,
+                        'best': dict(self.best)}, os.path.join(self.cfg.out, RESUME_NAME))
+
+    def restore(self, resume):
+        self.resume, self.history, self.best, self.best_written = resume, resume['history'], resume['best'], None
+
+    def probabilities(self, f):
+        """Class probabilities of the photos of `f` from their evaluation view: the head on the stored
+        features while the backbone is frozen, the whole model on the photos once it was fine-tuned."""
+        if self.cfg.unfreeze:
+            return photo_logits(self, f.photos).softmax(1).tolist()
+        with torch.no_grad():
+            return self.model.get_submodule(head_name(self.model))(f.x[:, 0].float()).softmax(1).tolist()
+
+    def write_best(self, final=False):
+        # the final write always happens: the checkpoint's history must be the whole run's, not the
+        # history as it stood when the best epoch was last written
+        if not self.checkpoint or self.best is None or (self.best is self.best_written and not final):
+            return
+        state = self.model.state_dict()
+        state.update(self.best['state'])
+        b = self.best
+        ckpt = {**self.meta, 'model': {k: v.detach().cpu() for k, v in state.items()}, 'epoch': b['epoch'],
+                'stage': b['stage'], 'threshold': b['threshold'], 'metrics': b['metrics'], 'history': self.history}
+        torch_save(ckpt, self.checkpoint)
+        write_class_map(ckpt['classes'], os.path.join(os.path.dirname(self.checkpoint), CLASS_MAP_NAME))
+        self.best_written, self.last_write = self.best, time.time()
+
+    def finish(self):
+        self.write_best(final=True)
+        if self.checkpoint:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.cfg.out, RESUME_NAME))
+            write_summary(self.history, os.path.join(self.cfg.out, 'summary.csv'))
+            atomic_write(os.path.join(self.cfg.out, 'config.json'),
+                         lambda f: f.write(json.dumps(self.meta['config'], indent=1).encode()))
+
+    def save_interrupted(self):
+        """Ctrl-C or kill: the best epoch so far is written (complete, or not at all) before stopping."""
+        saved = (f'best checkpoint so far (epoch {self.best["epoch"]}) in {self.checkpoint}' if self.best else
+                 'no checkpoint yet')
+        with contextlib.suppress(Exception):
+            self.write_best()
+        say(f'interrupted: {saved}; resume with --resume')
+
+
+def fit(run):
+    """Train run.model: the head on the stored features, then with --unfreeze the last stages on freshly
+    augmented photos. The model leaves at its best epoch, which is returned."""
+    if not (run.resume and run.resume['stage'] == 'finetune'):
+        fit_head(run)
+    if run.cfg.unfreeze:  # fine-tuning starts from the converged head (the last epoch), not an early best
+        finetune(run)
+    run.model.load_state_dict(run.best['state'], strict=False)
+    return run.best
+
+
+def fit_head(run):
+    """Adam + cross-entropy on the stored features; the best epoch goes to `run`."""
+    cfg, resume = run.cfg, run.resume
+    head = run.model.get_submodule(head_name(run.model))
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    start = 1
+    if resume and resume['stage'] == 'head':
+        head.load_state_dict({k.split('.')[-1]: v for k, v in resume['trainable'].items()})
+        optimizer.load_state_dict(resume['optimizer'])
+        rng.set_state(resume['rng'])
+        start = resume['epoch'] + 1
+    val_x, val_y = run.val.x[:, 0], run.val.y
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.time()
+        stats = head_epoch(head, run.train.x, run.train.y, run.train.x.shape[1], cfg, optimizer, rng)
+        val = validate(lambda: head(val_x.float()), val_y, run.classes, run.positive, cfg) if len(val_y) else None
+        run.end_epoch('head', epoch, cfg.epochs, stats, val, optimizer, rng, time.time() - t0)
+
+
+def head_epoch(head, x, y, views, cfg, optimizer, rng):
+    """One pass over the stored features: each photo contributes one of its stored views, drawn at random."""
+    n = len(y)
+    order = torch.randperm(n, generator=rng)
+    pick = torch.randint(views, (n,), generator=rng)
+    total, correct, seen = 0.0, 0, 0
+    head.train()
+    for s in range(0, n, cfg.batch_size):
+        idx = order[s:s + cfg.batch_size]
+        logits = head(x[idx, pick[idx]].float())
+        loss = F.cross_entropy(logits, y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        correct += (logits.argmax(1) == y[idx]).sum().item()
+        seen += len(idx)
+    head.eval()
+    return {'loss': total / seen, 'accuracy': correct / seen}
+
+
+def validate(logits_fn, y, classes, positive, cfg):
+    """Validation metrics at --threshold ('metrics': they pick the best epoch and fill the history), the
+    threshold the checkpoint will carry (--threshold, or the highest reaching --target-sensitivity) and
+    the metrics at that threshold ('operating': stored, so they are what `evaluate` reports on the same
+    photos). Epochs are compared at the fixed threshold: comparing them at a threshold tuned on the same
+    photos picked epochs whose tuning flattered them, and cut cross-validated sensitivity at
+    --target-sensitivity 0.8 from 0.83 to 0.75 (MobileNetV2, MSLD)."""
+    with torch.no_grad():
+        logits = logits_fn()
+    loss = F.cross_entropy(logits, y).item()
+    probs = logits.softmax(1)
+    threshold = cfg.threshold
+    if positive is not None and cfg.target_sensitivity > 0:
+        threshold = select_threshold((y == positive).tolist(), probs[:, positive].tolist(), cfg.target_sensitivity,
+                                     cfg.threshold)
+    m, at = (metrics(y.tolist(), probs.tolist(), classes, positive, t) for t in (cfg.threshold, threshold))
+    m['loss'] = at['loss'] = loss
+    return {'metrics': m, 'threshold': threshold, 'operating': at}
+
+
+def finetune(run):
+    """Fine-tune the last --unfreeze stages and the head: Adam with --backbone-lr for the stages and LR
+    for the head, on-the-fly RandomResizedCrop + flip (a new crop of every photo each epoch), BatchNorm
+    in inference mode throughout (Keras's advice for small data: its statistics stay ImageNet's).
+    Under torchrun: DistributedDataParallel, each rank a DistributedSampler share of every batch."""
+    cfg, model, device = run.cfg, run.model, run.device
+    head, stages = freeze(model, cfg.unfreeze)
+    for k, v in model.named_parameters():  # the best so far (head stage) must carry these stages' weights too
+        if v.requires_grad and k not in run.best['state']:
+            run.best['state'][k] = v.detach().clone()
+    model.to(device).to(memory_format=torch.channels_last)
+    net = model if RANKS.world == 1 else nn.parallel.DistributedDataParallel(  # gradients averaged across ranks
+        model, device_ids=[device.index] if device.type == 'cuda' else None)
+    optimizer = torch.optim.Adam([{'params': list(head.parameters()), 'lr': cfg.lr},
+                                  {'params': [p for s in stages for p in s.parameters()], 'lr': cfg.backbone_lr}])
+    # one sampler for one process or many: its seeded permutation makes the global batches the same
+    sampler = torch.utils.data.DistributedSampler(range(len(run.train.photos)), num_replicas=RANKS.world,
+                                                  rank=RANKS.rank, shuffle=True, seed=cfg.seed)
+    base_lrs, per_rank = [g['lr'] for g in optimizer.param_groups], max(1, cfg.batch_size // RANKS.world)
+    steps = math.ceil(len(sampler) / per_rank)  # per epoch, the same on every rank
+    start = 1
+    if run.resume and run.resume['stage'] == 'finetune':
+        model.load_state_dict(run.resume['trainable'], strict=False)
+        optimizer.load_state_dict(run.resume['optimizer'])
+        start = run.resume['epoch'] + 1
+    pre = preprocessing(cfg)
+    for epoch in range(start, cfg.finetune_epochs + 1):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        photos = [run.train.photos[i] for i in sampler]
+        # a crop named by the epoch: reproducible, so --resume and every rank see the same pixels
+        loader = photo_loader(photos, [[f'finetune{epoch}']] * len(photos), pre, cfg, device, batch_size=per_rank)
+        total, correct, seen = 0.0, 0, 0
+        for step, batch in enumerate(tqdm(loader, desc=f'finetune epoch {epoch}', unit='batch', leave=False,
+                                          disable=None if is_main() else True)):
+            factor = finetune_lr_factor((epoch - 1) * steps + step, steps, cfg.finetune_epochs)
+            for group, lr in zip(optimizer.param_groups, base_lrs):
+                group['lr'] = lr * factor
+            bad = [err for _, _, err in batch if err]
+            if bad:  # read fine moments ago, when its features were extracted
+                raise UserError(f'{bad[0]} (it changed during training); fix it and run again with --resume')
+            x = backbone_input(torch.cat([x for _, x, _ in batch]), device)
+            y = torch.tensor([photos[i].label for i, _, _ in batch], device=device)
+            with autocast(device, run.precision):
+                logits = net(x).float()
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        total, correct, seen = map(sum, zip(*gather((total, correct, seen))))
+        val = validate(lambda: photo_logits(run, run.val.photos), run.val.y, run.classes, run.positive,
+                       cfg) if len(run.val.y) else None
+        run.end_epoch('finetune', epoch, cfg.finetune_epochs, {'loss': total / max(seen, 1),
+                      'accuracy': correct / max(seen, 1)}, val, optimizer, None, time.time() - t0)
+    model.cpu()
+
+
+def finetune_lr_factor(step, steps_per_epoch, epochs):
+    """Learning-rate multiplier at a fine-tuning step: linear warm-up over the first epoch (Adam's first
+    steps are large next to pretrained weights), then cosine decay to zero at the last step."""
+    if step < steps_per_epoch:
+        return (step + 1) / steps_per_epoch
+    rest = max(1, steps_per_epoch * (epochs - 1))
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - steps_per_epoch) / rest)))
+
+
+def photo_logits(run, photos):
+    """Logits of the whole model (as it is now) on the photos' evaluation view, in batches shared among
+    the ranks."""
+    fn = classifier(run.model, run.device, run.precision, probs=False)
+    rows, failures = score_photos(fn, photos, run.cfg, run.device, preprocessing(run.cfg), 'validate')
+    if failures:  # read fine moments ago, when its features were extracted
+        raise UserError(f'{failures[0][1]} (it changed during training); fix it and run again')
+    return torch.tensor([rows[i] for i in range(len(photos))]) if photos else torch.zeros(0, 0)
+
+
+def select_threshold(y_pos, p_pos, target, fallback):
+    """Highest threshold t with sensitivity (share of positives with p >= t) of at least `target`
+    (`fallback` when there are no positives to measure it on)."""
+    scores = sorted((p for y, p in zip(y_pos, p_pos) if y), reverse=True)
+    if not scores:
+        return fallback
+    k = max(1, math.ceil(target * len(scores) - 1e-9))
+    return float(scores[min(k, len(scores)) - 1])
+
+
+def positive_index(classes, positive):
+    """Index of the class screened for: --positive-class, else the class named like mpox/monkeypox."""
+    if positive and positive != 'auto':
+        if positive not in classes:
+            raise UserError(f'--positive-class {positive!r} is not one of the classes {classes}')
+        return classes.index(positive)
+    for i, c in enumerate(classes):
+        if re.sub(r'[\s_-]+', '', c.lower()) in ('monkeypox', 'mpox', 'monkeypoxvirus'):
+            return i
+    return None
+
+
+# ================================================================================================
+# Metrics and reports
+
+def decide(probs, positive, threshold):
+    """Predicted class per row of probabilities: the positive class when its probability reaches the
+    threshold, else the most probable other class (plain argmax when there is no positive class)."""
+    preds = []
+    for p in probs:
+        if positive is None:
+            preds.append(max(range(len(p)), key=p.__getitem__))
+        elif p[positive] >= threshold:
+            preds.append(positive)
+        else:
+            preds.append(max((k for k in range(len(p)) if k != positive), key=p.__getitem__))
+    return preds
+
+
+def operating_threshold(cfg, loaded):
+    """evaluate's and predict's --threshold when given, else the one the checkpoint was trained for."""
+    return cfg.override_threshold if cfg.override_threshold is not None else loaded.threshold
+
+
+def metrics(labels, probs, classes, positive, threshold, preds=None):
+    """Everything `evaluate` reports, as plain numbers (JSON-ready). `preds`: decisions already made
+    (cv's pooled folds, each at its own threshold) instead of deciding at `threshold`."""
+    preds = decide(probs, positive, threshold) if preds is None else preds
+    n, C = len(labels), len(classes)
+    cm = [[0] * C for _ in range(C)]
+    for y, p in zip(labels, preds):
+        cm[y][p] += 1
+    recall = [cm[k][k] / sum(cm[k]) if sum(cm[k]) else float('nan') for k in range(C)]
+    col = [sum(cm[r][k] for r in range(C)) for k in range(C)]
+    precision = [cm[k][k] / col[k] if col[k] else float('nan') for k in range(C)]
+    present = [r for r in recall if not math.isnan(r)]
+    m = {'n': n, 'classes': list(classes), 'threshold': threshold,
+         'positive_class': classes[positive] if positive is not None else None,
+         'accuracy': sum(cm[k][k] for k in range(C)) / n if n else float('nan'),
+         'balanced_accuracy': sum(present) / len(present) if present else float('nan'),
+         'precision': dict(zip(classes, precision)), 'recall': dict(zip(classes, recall)),
+         'support': {c: sum(cm[k]) for k, c in enumerate(classes)}, 'confusion_matrix': cm,
+         'sensitivity': None, 'sensitivity_ci': None, 'specificity': None, 'specificity_ci': None, 'auc': None}
+    if positive is not None:
+        tp, P = cm[positive][positive], sum(cm[positive])
+        tn, N = sum(cm[r][c] for r in range(C) for c in range(C) if positive not in (r, c)), n - P
+        m.update(sensitivity=tp / P if P else float('nan'), sensitivity_ci=wilson(tp, P),
+                 specificity=tn / N if N else float('nan'), specificity_ci=wilson(tn, N),
+                 auc=roc_auc([y == positive for y in labels], [p[positive] for p in probs]))
+    return m
+
+
+def wilson(k, n, z=1.959963984540054):
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return [float('nan'), float('nan')]
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def roc_auc(y_pos, scores):
+    """Area under the ROC curve: the probability that a positive outscores a negative, ties counting half
+    (which is what the trapezoids under the curve's tied steps add up to)."""
+    if all(y_pos) or not any(y_pos):
+        return float('nan')
+    fpr, tpr, _ = roc_curve(y_pos, scores)
+    return sum((fpr[k] - fpr[k - 1]) * (tpr[k] + tpr[k - 1]) / 2 for k in range(1, len(fpr)))
+
+
+def roc_curve(y_pos, scores):
+    """(false positive rates, true positive rates, thresholds), thresholds from high to low: one sweep
+    down the sorted scores, a point after each run of equal scores."""
+    P = sum(map(bool, y_pos))
+    N = len(y_pos) - P
+    fpr, tpr, thr = [0.0], [0.0], [float('inf')]
+    tp = fp = 0
+    ranked = sorted(zip(scores, y_pos), key=lambda t: -t[0])
+    for k, (s, y) in enumerate(ranked):
+        tp, fp = tp + bool(y), fp + (not y)
+        if k + 1 == len(ranked) or ranked[k + 1][0] != s:
+            fpr.append(fp / N if N else float('nan'))
+            tpr.append(tp / P if P else float('nan'))
+            thr.append(s)
+    return fpr, tpr, thr
+
+
+def aggregate(dicts, how):
+    """The mean or the sample sd (`how`, NaN ignored) of the same number in each metrics dict; text is kept."""
+    first = dicts[0]
+    if isinstance(first, dict):
+        return {k: aggregate([d[k] for d in dicts], how) for k in first}
+    if isinstance(first, list) and first and not isinstance(first[0], str):
+        return [aggregate([d[i] for d in dicts], how) for i in range(len(first))]
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        values = np.array([v for v in dicts if v is not None and not math.isnan(v)], dtype=float)
+        if how == 'sd':
+            return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        return float(np.mean(values)) if len(values) else float('nan')
+    return first
+
+
+def json_ready(obj):
+    """NaN is not JSON: report it as null."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+def number(x, missing='n/a'):
+    return missing if x is None or (isinstance(x, float) and math.isnan(x)) else f'{x:.3f}'
+
+
+def print_metrics(m, title):
+    say(title)
+    say(f'accuracy {number(m["accuracy"])}   balanced accuracy {number(m["balanced_accuracy"])}   ({m["n"]} photos)')
+    if m['positive_class'] is not None:
+        pc = m['positive_class']
+        ci = lambda c: '' if c is None or math.isnan(c[0]) else f' (95% CI {c[0]:.2f}-{c[1]:.2f})'  # noqa: E731
+        say(f'{pc}: called when P({pc}) >= {m["threshold"]:.2f}')
+        say(f'  sensitivity {number(m["sensitivity"])}{ci(m["sensitivity_ci"])}   '
+            f'specificity {number(m["specificity"])}{ci(m["specificity_ci"])}   ROC AUC {number(m["auc"])}')
+    width = max(10, max(len(c) for c in m['classes']))
+    say(f'  {"class":<{width}}  precision  recall      n')
+    for c in m['classes']:
+        say(f'  {c:<{width}}  {number(m["precision"][c], "  n/a"):>9}  {number(m["recall"][c], "  n/a"):>6}  '
+            f'{m["support"][c]:5d}')
+    say('  confusion matrix (rows: true class, columns: predicted):')
+    for c, row in zip(m['classes'], m['confusion_matrix']):
+        say(f'  {c:<{width}}  ' + '  '.join(f'{v:5d}' for v in row))
+
+
+def print_cv(result):
+    pooled = result['pooled']
+    screened = pooled['positive_class'] is not None
+    keys = ['accuracy', 'balanced_accuracy'] + (['sensitivity', 'specificity', 'auc'] if screened else [])
+    names = {'accuracy': 'accuracy', 'balanced_accuracy': 'balanced', 'sensitivity': 'sensitivity',
+             'specificity': 'specificity', 'auc': 'ROC AUC'}
+    say('fold  train  val  test  epoch' + ''.join(f'{names[k]:>16}' for k in keys) + '  threshold')
+    for m in result['folds']:
+        say(f'{m["fold"]:4d}  {m["train"]:5d}  {m["val"]:3d}  {m["test"]:4d}  {m["epoch"]:5d}'
+            + ''.join(f'{number(m[k]):>16}' for k in keys) + f'  {m["threshold"]:9.2f}')
+    say('mean ± sd' + ' ' * 20 + ''.join(f'{number(result["mean"][k]) + " ± " + number(result["std"][k]):>16}'
+                                        for k in keys))
+    if screened:
+        ci = lambda c: f'(95% CI {c[0]:.2f}-{c[1]:.2f})'  # noqa: E731
+        say(f'pooled out-of-fold ({pooled["n"]} photos, {pooled["positive_class"]} screened): sensitivity '
+            f'{number(pooled["sensitivity"])} {ci(pooled["sensitivity_ci"])}, specificity '
+            f'{number(pooled["specificity"])} {ci(pooled["specificity_ci"])}, ROC AUC {number(pooled["auc"])}')
+
+
+# ================================================================================================
+# Checkpoints: written by `train`, read by evaluate and predict (and nothing in them is ever run)
+
+def checkpoint_meta(cfg, prep):
+    """Everything a checkpoint says besides its weights and epoch: enough to use it with nothing else."""
+    split, positive = prep.split, prep.positive
+    return {'format': CHECKPOINT_FORMAT, 'version': CHECKPOINT_VERSION, 'arch': cfg.arch,
+            'classes': split.classes, 'positive_class': split.classes[positive] if positive is not None else None,
+            'preprocess': preprocessing(cfg), 'weights': {'source': prep.spec.name, 'kind': prep.spec.kind,
+                                                          'id': prep.spec.ident},
+            'config': dict(vars(cfg)), 'precision': prep.extractor.precision,
+            'split': {'root': os.path.abspath(split.root), 'how': split.how, 'seed': cfg.seed,
+                      'val_fraction': cfg.val_fraction, 'skipped': split.skipped,
+                      **{part: [os.path.relpath(p.path, split.root) for p in getattr(split, part)]
+                         for part in ('train', 'val')}},
+            'versions': {'torch': str(torch.__version__), 'torchvision': torchvision.__version__,
+                         'python': sys.version.split()[0]},
+            'fingerprint': fingerprint(cfg, split, prep.spec)}
+
+
+def fingerprint(cfg, split, spec):
+    """What a resumed run must share with the interrupted one."""
+    keep = {k: v for k, v in vars(cfg).items() if k not in ('resume', 'workers', 'no_plot', 'extract_batch_size',
+                                                            'debug', 'dist_timeout', 'checkpoint_seconds')}
+    ids = [[p.sha for p in split.train], [p.sha for p in split.val], spec.ident]
+    return hashlib.sha256(json.dumps([keep, ids], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_resume(cfg, meta):
+    path = os.path.join(cfg.out, RESUME_NAME)
+    resume = safe_torch_load(path, what='resume file') if os.path.exists(path) else None
+    if resume is None:
+        raise UserError(f'--resume: {path} does not exist (the run finished, or never started); drop --resume')
+    if resume.get('format') != 'monkeypox.py resume' or resume.get('fingerprint') != meta['fingerprint']:
+        raise UserError(f'--resume: {path} belongs to a run with other data or settings; use the same flags, '
+                        'or drop --resume to start over')
+    say(f'resuming from {resume["stage"]} epoch {resume["epoch"]}')
+    return resume
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: nn.Module
+    ckpt: dict
+    classes: list
+    positive: int       # index of the screened class, or None
+    pre: dict           # the preprocessing the model was trained with
+    threshold: float    # the operating threshold it was trained for
+
+
+def load_checkpoint(path, cfg):
+    """A checkpoint written by `train`: its model rebuilt from the file alone."""
+    ckpt = safe_torch_load(path)
+    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        ckpt = bare_state_dict_checkpoint(ckpt, path, cfg)
+    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
+        raise UserError(f'{path} is not a monkeypox.py checkpoint (no "format" entry); '
+                        'pass the file `train` wrote (chk/monkeypox_model.pkl)')
+    missing = [k for k in ('model', 'arch', 'classes', 'preprocess') if k not in ckpt]
+    if missing:
+        raise UserError(f'{path} is an incomplete checkpoint (missing {", ".join(missing)}); retrain')
+    classes = list(ckpt['classes'])
+    try:
+        model = build_model(ckpt['arch'], len(classes), ckpt['model'], load_head=True)
+    except WeightsMismatch as e:
+        raise UserError(f'{path}: its weights {e}; the file is damaged, or its {len(classes)} class names '
+                        'do not match its head') from e
+    except Exception as e:
+        raise UserError(f'{path}: cannot rebuild {ckpt["arch"]} ({e}); this torchvision may lack it') from e
+    pc = ckpt.get('positive_class')
+    return Loaded(model, ckpt, classes, classes.index(pc) if pc in classes else None, preprocessing(cfg, ckpt),
+                  ckpt.get('threshold', cfg.threshold))
+
+
+def checkpoint_probabilities(loaded, photos, cfg, desc):
+    """Class probabilities of the photos by a loaded checkpoint, computed as its training computed them."""
+    device = resolve_device(cfg.device)
+    fn = classifier(loaded.model, device, scoring_precision(cfg, loaded, device))
+    return score_photos(fn, photos, cfg, device, loaded.pre, desc)
+
+
+def bare_state_dict_checkpoint(state, path, cfg):
+    """A bare state_dict (the original script saved one) is usable when the class names can be had
+    from class_dict.pk beside it and the architecture from the tensors; else say how to make it so."""
+    state = {k.removeprefix('module.'): v for k, v in state.items()}
+    class_map = os.path.join(os.path.dirname(os.path.abspath(path)), CLASS_MAP_NAME)
+    arch = guess_arch(state, cfg.arch)
+    if arch is None:
+        raise UserError(f'{path} is a bare state_dict ({len(state)} tensors) of no architecture this tool knows; '
+                        'retrain with `python monkeypox.py train`')
+    if not os.path.exists(class_map):
+        raise UserError(f'{path} is a bare {arch} state_dict without class names; put its {CLASS_MAP_NAME} '
+                        '(a pickled {index: name} dict) beside it, or retrain with `python monkeypox.py train`')
+    names = read_class_map(class_map)
+    classes = [names[i] for i in range(len(names))]
+    outputs = state[f'{head_name(construct(arch, meta=True))}.weight'].shape[0]
+    if outputs != len(classes):
+        raise UserError(f'{path}: its head has {outputs} outputs but {class_map} names {len(classes)} classes; '
+                        'use the class map written with these weights')
+    warn(f'{path} is a bare state_dict: using {arch} (from its tensors), classes {classes} from {class_map}, '
+         f'the preprocessing of the settings and threshold {cfg.threshold}')
+    positive = positive_index(classes, 'auto')
+    return {'format': CHECKPOINT_FORMAT, 'version': CHECKPOINT_VERSION, 'model': state, 'arch': arch,
+            'classes': classes, 'positive_class': classes[positive] if positive is not None else None,
+            'preprocess': preprocessing(cfg), 'threshold': cfg.threshold}
+
+
+def safe_torch_load(path, what='checkpoint'):
+    """torch.load that never executes code from the file, with one-line errors for what goes wrong."""
+    if not os.path.exists(path):
+        raise UserError(f'{what} {path} does not exist' + (
+            '; train one with `python monkeypox.py train` or pass --checkpoint FILE' if what == 'checkpoint' else ''))
+    if os.path.isdir(path):
+        raise UserError(f'{what} {path} is a folder; pass the file inside it')
+    if os.path.getsize(path) == 0:
+        raise UserError(f'{what} {path} is empty (0 bytes); copy it again or retrain')
+    try:
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if 'mmap' not in str(e) and 'zip' not in str(e):
+                raise
+            return torch.load(path, map_location='cpu', weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise UserError(f'{what} {path} holds Python objects beyond tensors and plain data, and is refused '
+                        'unloaded (loading it could run code). Use a file written by this tool or by '
+                        'torch.save(model.state_dict())') from e
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'{what} {path} is truncated or corrupt ({first}); copy it again or retrain') from e
+
+
+def write_class_map(classes, path):
+    """class_dict.pk: {index: name}, pickled, as the original script wrote it."""
+    atomic_write(path, lambda f: pickle.dump({i: c for i, c in enumerate(classes)}, f, protocol=4))
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):  # dicts, ints and strings need no class: anything else is refused
+        raise pickle.UnpicklingError(f'refused {module}.{name}')
+
+
+def read_class_map(path):
+    """class_dict.pk back as {index: name}, through an unpickler that can build nothing but plain data."""
+    try:
+        with open(path, 'rb') as f:
+            classes = PlainDataUnpickler(f).load()
+    except FileNotFoundError:
+        raise UserError(f'class map {path} does not exist')
+    except Exception as e:
+        raise UserError(f'class map {path} refused: it must be a pickled {{index: name}} dict of ints and '
+                        f'strings only ({e}); nothing in it was run') from e
+    if not (isinstance(classes, dict) and classes and all(isinstance(k, int) for k in classes)
+            and all(isinstance(v, str) for v in classes.values()) and sorted(classes) == list(range(len(classes)))):
+        raise UserError(f'class map {path} is not an {{index: name}} dict with indices 0..n-1')
+    return classes
+
+
+def write_summary(history, path):
+    def write(f):
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=list(history[0]) if history else ['epoch'])
+        w.writeheader()
+        w.writerows(history)
+        f.write(text.getvalue().encode())
+    atomic_write(path, write)
+
+
+# ================================================================================================
+# Plots
+
+def new_figure(figsize, rows=1, cols=1, window=False):
+    """A matplotlib figure and its axes grid: through pyplot only for a window; a file needs no GUI
+    backend, and skipping pyplot's import saves a fifth of a second on every run."""
+    if window:
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(rows, cols, figsize=figsize, squeeze=False)
+    else:
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=figsize)
+        axes = fig.subplots(rows, cols, squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig, path):
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
+    return path
+
+
+def plot_predictions(results, loaded, cfg):
+    """The photos as a person sees them (not the normalised tensor), with the answer in the title; with
+    --explain, beside each the crop the model saw with its Grad-CAM heat map of the predicted class."""
+    shown, per = results[:16 if not cfg.explain else 4], 2 if cfg.explain else 1
+    display = sys.platform in ('darwin', 'win32') or os.environ.get('DISPLAY') or os.environ.get('WAYLAND_DISPLAY')
+    window = not cfg.plot and bool(display)
+    path = cfg.plot or os.path.join(os.path.dirname(os.path.abspath(cfg.checkpoint)), 'prediction.png')
+    cols = min(4 // per, len(shown)) * per
+    rows = math.ceil(len(shown) * per / cols)
+    fig, axes = new_figure((4 * cols, 4.4 * rows), rows, cols, window)
+    for ax in axes.flat:
+        ax.axis('off')
+    for k, r in enumerate(shown):
+        ax = axes.flat[k * per]
+        ax.imshow(load_rgb(r['path']))
+        ax.set_title(f'{r["label"]} ({r["probability"]:.0%})\n{os.path.basename(r["path"])}', fontsize=10)
+        if cfg.explain:
+            crop, heat = grad_cam(loaded.model, r['path'], loaded.classes.index(r['label']), loaded.pre)
+            ax = axes.flat[k * per + 1]
+            ax.imshow(crop)
+            ax.imshow(heat, cmap='jet', alpha=0.45, extent=(-0.5, crop.shape[1] - 0.5, crop.shape[0] - 0.5, -0.5))
+            ax.set_title(f'Grad-CAM: {r["label"]}\n(centre crop the model saw)', fontsize=10)
+    fig.text(0.5, 0.0, 'monkeypox.py: a research tool, not a diagnosis', ha='center', fontsize=8)
+    if window:
+        import matplotlib.pyplot as plt
+        plt.show()
+    else:
+        say(f'plot: {save_figure(fig, path)}')
+    return path
+
+
+def plot_curves(history, path):
+    """curves.png: training and validation loss and accuracy per epoch."""
+    fig, ((a, b),) = new_figure((10, 4), 1, 2)
+    x = list(range(1, len(history) + 1))
+    for ax, key, name in ((a, 'loss', 'cross-entropy loss'), (b, 'accuracy', 'accuracy')):
+        ax.plot(x, [r[f'train_{key}'] for r in history], 'o-', label='train')
+        ax.plot(x, [r[f'val_{key}'] for r in history], 's-', label='validation')
+        if key == 'accuracy':
+            ax.plot(x, [r['val_balanced_accuracy'] for r in history], '^--', label='validation, balanced')
+        stages = [r['stage'] for r in history]
+        if 'finetune' in stages:
+            ax.axvline(stages.index('finetune') + 0.5, color='grey', lw=0.8, ls=':')
+        ax.set(xlabel='epoch', title=name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_confusion(cm, classes, path, title):
+    """confusion.png: counts and row percentages, true class down, predicted class across."""
+    fig, ((ax,),) = new_figure((5.5, 4.5))
+    rows = np.array(cm, dtype=float)
+    share = rows / np.maximum(rows.sum(1, keepdims=True), 1)
+    ax.imshow(share, cmap='Blues', vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f'{int(rows[i, j])}\n{share[i, j]:.0%}', ha='center', va='center',
+                    color='white' if share[i, j] > 0.6 else 'black', fontsize=12)
+    ax.set(xticks=range(len(classes)), xticklabels=classes, yticks=range(len(classes)), yticklabels=classes,
+           xlabel='predicted', ylabel='true')
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_roc(y_pos, scores, path, title, positive_name, operating=None):
+    """roc.png: the ROC curve of the screened class, AUC in the legend, and the operating point of
+    `operating` (the metrics evaluate reports) marked."""
+    fig, ((ax,),) = new_figure((5, 5))
+    fpr, tpr, _ = roc_curve(y_pos, scores)
+    ax.plot(fpr, tpr, lw=2, label=f'ROC, AUC {roc_auc(y_pos, scores):.3f}')
+    ax.plot([0, 1], [0, 1], color='grey', lw=0.8, ls='--', label='chance')
+    if operating is not None:
+        ax.plot(1 - operating['specificity'], operating['sensitivity'], 'o', color='red', ms=9,
+                label=f'operating point, threshold {operating["threshold"]:.2f}')
+    ax.set(xlabel='1 - specificity (false positive rate)', ylabel=f'sensitivity for {positive_name}',
+           xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc='lower right')
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_sheet(rows, classes, path, pre, most=24):
+    """sheet.png: photos with true and predicted class, mistakes framed in red, worst mistakes first."""
+    rows = sorted(rows, key=lambda r: (r['true'] == r['pred'], -r['probs'][r['pred']] if r['true'] != r['pred']
+                                       else r['probs'][r['pred']]))[:most]
+    cols = 6
+    nrows = max(1, math.ceil(len(rows) / cols))
+    fig, axes = new_figure((2.2 * cols, 2.6 * nrows), nrows, cols)
+    for ax in axes.flat:
+        ax.axis('off')
+    for ax, r in zip(axes.flat, rows):
+        ax.imshow(load_rgb(r['path'], draft=pre['resize']))
+        wrong = r['true'] != r['pred']
+        ax.set_title(f'true {classes[r["true"]]}\npred {classes[r["pred"]]} {r["probs"][r["pred"]]:.0%}',
+                     fontsize=7, color='red' if wrong else 'black')
+        if wrong:
+            ax.axis('on')
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor('red')
+                spine.set_linewidth(4)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def grad_cam(model, path, target, pre):
+    """Grad-CAM (Selvaraju et al. 2017) on the last convolutional stage, through torch hooks: its activations
+    weighted by their mean gradient of the class's log-probability (not its raw score, so evidence shared by
+    all classes cancels). The map is the mean of those of the crop and its three flips, flipped back:
+    stride-2 convolutions with padding 1 shift each feature cell half a cell up and left of where upsampling
+    puts it, and the flips cancel that. Bicubic upsampling lets the maximum fall between cells (bilinear
+    pins it to a cell centre). On red-disc photos the maximum falls inside the disc on 40/40 photos, 27/40
+    without the two (tests/). Returns the centre crop the model saw and a [0, 1] map."""
+    layer = backbone_stages(model)[-1]
+    saved = {}
+
+    def hook(_, __, out):
+        saved['act'] = out
+        out.register_hook(lambda g: saved.__setitem__('grad', g))
+
+    img = load_rgb(path)
+    crop = T.Compose([T.Resize(pre['resize']), T.CenterCrop(pre['image_size'])])(img)
+    x = T.Compose([T.ToTensor(), T.Normalize(pre['mean'], pre['std'])])(crop)[None].to(next(model.parameters()).device)
+    flips = [(), (3,), (2,), (2, 3)]
+    x = torch.cat([x.flip(dims) if dims else x for dims in flips])
+    x.requires_grad_(True)  # the backbone is frozen: this makes its activations carry gradients
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            model(x).log_softmax(1)[:, target].sum().backward()
+    finally:
+        handle.remove()
+    act, grad = saved['act'].detach(), saved['grad'].detach()
+    cams = F.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(1, keepdim=True))
+    cam = sum(cams[k:k + 1].flip(dims) if dims else cams[k:k + 1] for k, dims in enumerate(flips)) / len(flips)
+    cam = F.interpolate(cam, size=crop.size[::-1], mode='bicubic', align_corners=False)[0, 0]
+    cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-12)
+    return np.asarray(crop), cam.cpu().numpy()
+
+
+
+# ================================================================================================
+# Download: the public MSLD photos
 
 def fetch(url, path):
     """Download url (http, https, file, or a local path) to path, with a progress bar and a timeout."""
@@ -617,12 +2032,12 @@ def extract_rar(archive, out):
         raise UserError(f'{archive}: cannot read the RAR archive ({e})') from e
 
 
-def layout_dataset(src, out, seed):
+def layout_dataset(src, out, cfg):
     """train/ val/ test/ by patient and class (test: TEST_FRACTION, val: VAL_FRACTION of all photos), a copy
     of one test photo as test/test.jpg (TEST_IMAGE), SPLIT.csv and the dataset's license and citation."""
     classes, photos = read_photos(str(src))
-    rest, test = grouped_split(photos, TEST_FRACTION, seed)
-    train, val = grouped_split(rest, VAL_FRACTION / (1 - TEST_FRACTION), seed)
+    rest, test = grouped_split(photos, cfg.test_fraction, cfg.seed)
+    train, val = grouped_split(rest, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
     rows = []
     for name, part in (('train', train), ('val', val), ('test', test)):
         for p in part:
@@ -644,1541 +2059,161 @@ def layout_dataset(src, out, seed):
         f'test/test.jpg is a copy of test/{classes[test[0].label]}/{os.path.basename(test[0].path)}.\n')
 
 
-# ------------------------------------------------------------------------------------------------
-# Model
+# ================================================================================================
+# Files and processes: messages, atomic writes, and the ranks of a torchrun
 
-def head_name(model):
-    """Name of the classifier layer: the model's last nn.Linear (fc, classifier.1, heads.head, ...)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise UserError(f'{type(model).__name__} has no linear classifier layer to replace; choose another --arch')
-    return names[-1]
+class UserError(Exception):
+    """Bad input or usage: reported in one line, exit code 2, no traceback."""
 
 
-@contextlib.contextmanager
-def without_head(model):
-    """The model with its head swapped for Identity: its output is then the features the head reads."""
-    name = head_name(model)
-    head = model.get_submodule(name)
-    model.set_submodule(name, nn.Identity())
-    try:
-        yield model
-    finally:
-        model.set_submodule(name, head)
+def say(*args, **kwargs):
+    """Progress and reports: stdout, or stderr while stdout carries --json output."""
+    if not say.muted:
+        print(*args, **kwargs, file=sys.stderr if say.to_stderr else sys.stdout, flush=True)
 
 
-def construct(arch, meta):
-    """torchvision's `arch`, parameters on the meta device (no memory, no init) when `meta`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', FutureWarning)  # googlenet/inception init notices
-        if meta:
-            try:
-                with torch.device('meta'):
-                    return torchvision.models.get_model(arch, weights=None)
-            except Exception:  # some builders compute on tensors (regnet): build for real
-                pass
-        return torchvision.models.get_model(arch, weights=None)
+say.to_stderr = say.muted = False
 
 
-def new_head(in_features, num_classes, seed):
-    """The new classifier, drawn from `seed`: train's full model and cv's bare heads start alike."""
-    torch.manual_seed(seed)
-    return nn.Linear(in_features, num_classes)
-
-
-def build_model(arch, num_classes, state=None, load_head=False, seed=SEED):
-    """torchvision's `arch` with its classifier replaced by a new Linear(features, num_classes).
-    `state`: a state_dict for this arch; its head is loaded only with `load_head` (a checkpoint of
-    ours), otherwise the head is freshly initialised from `seed` (ImageNet weights have 1000 outputs)."""
-    torch.manual_seed(seed)
-    model = construct(arch, meta=state is not None)
-    name = head_name(model)
-    model.set_submodule(name, new_head(model.get_submodule(name).in_features, num_classes, seed))
-    if state is None:
-        return model.eval()
-    head_keys = {f'{name}.weight', f'{name}.bias'}
-    if not load_head:
-        state = {k: v for k, v in state.items() if k not in head_keys}
-    missing, unexpected = load_state(model, state, strict_head=load_head)
-    allowed_missing = set() if load_head else head_keys
-    missing = [k for k in missing if k not in allowed_missing]
-    if missing or unexpected:
-        raise WeightsMismatch(arch, missing, unexpected)
-    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
-        fresh = construct(arch, meta=False)  # a buffer the state_dict does not carry: build for real
-        fresh.set_submodule(name, model.get_submodule(name))
-        fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not v.is_meta}, strict=False)
-        model = fresh
-    return model.eval()
-
-
-class WeightsMismatch(Exception):
-    def __init__(self, arch, missing, unexpected):
-        self.arch, self.missing, self.unexpected = arch, missing, unexpected
-        parts = []
-        if missing:
-            parts.append(f'{len(missing)} tensors missing (e.g. {missing[0]})')
-        if unexpected:
-            parts.append(f'{len(unexpected)} unexpected (e.g. {unexpected[0]})')
-        super().__init__(f'do not fit {arch}: ' + ', '.join(parts))
-
-
-def load_state(model, state, strict_head):
-    """load_state_dict with assign (no copy: the tensors may be memory-mapped from the file), turning
-    shape mismatches into a WeightsMismatch that names the tensor."""
-    own = model.state_dict()
-    bad = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-    if bad:
-        k = bad[0]
-        raise WeightsMismatch(f'{type(model).__name__} ({k} is {tuple(state[k].shape)} in the file, '
-                              f'{tuple(own[k].shape)} in the model)', [], [])
-    result = model.load_state_dict(state, strict=False, assign=True)
-    return result.missing_keys, result.unexpected_keys
-
-
-COMMON_ARCHS = ('resnet101', 'resnet50', 'resnet18', 'resnet34', 'resnet152', 'mobilenet_v2', 'mobilenet_v3_large',
-                'mobilenet_v3_small', 'efficientnet_b0', 'densenet121', 'vgg16', 'convnext_tiny', 'vit_b_16',
-                'wide_resnet50_2', 'resnext50_32x4d')
-
-
-def guess_arch(state, prefer=None):
-    """The torchvision architecture whose tensor names and shapes (classifier aside) match a state_dict."""
-    for arch in dict.fromkeys([a for a in (prefer,) if a] + list(COMMON_ARCHS)):
-        own = construct(arch, meta=True).state_dict()
-        head = head_name(construct(arch, meta=True))
-        body = {k for k in own if not k.startswith(head + '.')}
-        if body == {k for k in state if not k.startswith(head + '.')} and \
-                all(tuple(own[k].shape) == tuple(state[k].shape) for k in body):
-            return arch
-    return None
-
-
-def backbone_stages(model):
-    """The backbone's stages in order, the last ones being the first to unfreeze."""
-    if all(hasattr(model, f'layer{i}') for i in range(1, 5)):
-        return [getattr(model, f'layer{i}') for i in range(1, 5)]  # ResNet, ResNeXt, Wide ResNet
-    features = getattr(model, 'features', None)
-    if isinstance(features, nn.Sequential):
-        return list(features)  # MobileNet, EfficientNet, VGG, DenseNet, ConvNeXt
-    raise UserError(f'--unfreeze supports ResNets and models with a `features` stack (MobileNet, EfficientNet, '
-                    f'ConvNeXt, VGG, DenseNet); not {type(model).__name__}')
-
-
-def freeze(model, unfreeze=0):
-    """Freeze everything but the head and the last `unfreeze` stages, and return the trainable modules.
-    The model stays in eval mode throughout training: BatchNorm uses and keeps its ImageNet statistics."""
-    model.requires_grad_(False)
-    head = model.get_submodule(head_name(model))
-    stages = backbone_stages(model)[-unfreeze:] if unfreeze else []
-    for m in [head] + stages:
-        m.requires_grad_(True)
-    model.eval()
-    return head, stages
-
-
-def trainable_state(model):
-    """Copies (never references) of the tensors that training changes."""
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-
-
-def resolve_device(device):
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    return torch.device(device)
-
-
-def resolve_precision(precision, device):
-    if precision != 'auto':
-        return precision
-    if device.type == 'cuda':
-        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
-    fast = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)() or \
-        getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()
-    return 'bf16' if fast else 'fp32'
-
-
-def scoring_precision(precision, loaded, device):
-    """--precision for evaluate and predict: auto means the checkpoint's own, so that they compute the numbers
-    training validated, unless it was bf16 and this machine is not fast at it."""
-    if precision != 'auto':
-        return precision
-    own = loaded.ckpt.get('precision')
-    return 'fp32' if own == 'fp32' else resolve_precision('auto', device)
-
-
-def autocast(device, precision):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
-
-
-def compute_dtype(precision):
-    return torch.bfloat16 if precision == 'bf16' else torch.float32
-
-
-class Headless(nn.Module):
-    """A model's backbone: the model with its head set aside, under bf16 autocast when asked."""
-
-    def __init__(self, model, precision):
-        super().__init__()
-        self.model, self.precision = model, precision
-
-    def forward(self, x):
-        with without_head(self.model), autocast(x.device, self.precision):
-            return self.model(x)
-
-
-def inference_model(model, device, precision):
-    """The backbone and the head for passes without gradients (features, predict, evaluate, validation),
-    channels_last. In fp32, BatchNorm is folded into the convolutions before it (torch.fx; exact up to
-    rounding). In bf16 the model runs under autocast as it is: folding first and rounding the folded
-    weights to bf16 ran 1.4x faster but cost 1.4 points of cross-validated accuracy (MobileNetV2, MSLD,
-    6 fold seeds). Every pass that scores photos goes through here, so training, evaluate and predict
-    compute the same numbers."""
-    model.to(device)
-    backbone = Headless(model, precision)
-    if precision == 'fp32':
-        from torch.fx.experimental.optimization import fuse
-        with without_head(model):
-            try:
-                backbone = fuse(model)  # a headless copy, eval-mode conv+BatchNorm pairs folded
-            except Exception:  # a model torch.fx cannot trace: unfused, still correct
-                pass
-    backbone.to(memory_format=torch.channels_last)
-    return backbone.eval(), model.get_submodule(head_name(model))
-
-
-def backbone_input(x, device):
-    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-
-
-@dataclasses.dataclass
-class WeightsSpec:
-    kind: str          # 'file', 'torchvision' or 'none'
-    name: str          # file path, weights enum name (e.g. ResNet101_Weights.IMAGENET1K_V2), or 'none'
-    ident: str         # what identifies the numbers: sha256 of the file, the torchvision file name, or the seed
-    url: str = ''
-
-
-def resolve_weights(arch, weights, seed, memo=None):
-    """What --weights means for `arch`, without loading anything yet."""
-    if weights == 'auto':
-        weights = MODEL_PATH if arch == ARCH and os.path.isfile(MODEL_PATH) else 'DEFAULT'
-    if weights.lower() == 'none':
-        return WeightsSpec('none', 'none', f'random-init:{arch}:seed{seed}:torch{str(torch.__version__)}')
-    if os.path.sep in weights or os.path.exists(weights) or weights.endswith(('.pth', '.pt', '.pkl', '.bin')):
-        if not os.path.isfile(weights):
-            raise UserError(f'weights file {weights} does not exist; pass an existing file, a torchvision weights '
-                            'name (DEFAULT, IMAGENET1K_V1, ...) or --weights none')
-        return WeightsSpec('file', weights, sha256_file(weights, memo))
-    try:
-        enum = torchvision.models.get_model_weights(arch)
-        w = enum[weights] if weights in enum.__members__ else enum.verify(weights)
-    except (KeyError, ValueError, TypeError):
-        names = ', '.join(torchvision.models.get_model_weights(arch).__members__)
-        raise UserError(f'--weights {weights}: not a file, and not a weights name of {arch} ({names}, none)')
-    return WeightsSpec('torchvision', f'{type(w).__name__}.{w.name}', os.path.basename(w.url), w.url)
-
-
-def load_weights(arch, spec):
-    """The state_dict that --weights names (None for random init), loaded without executing code."""
-    if spec.kind == 'none':
-        return None
-    if spec.kind == 'file':
-        state = safe_torch_load(spec.name, what='weights file')
-        if isinstance(state, dict) and state.get('format') == CHECKPOINT_FORMAT:
-            state = state['model']  # start from one of our checkpoints
-        elif isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
-            state = state['state_dict']
-        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-            raise UserError(f'{spec.name} is not a state_dict (name -> tensor) of {arch}; '
-                            'pass the .pth file torchvision publishes for it')
-        return {k.removeprefix('module.'): v for k, v in state.items()}  # DistributedDataParallel prefix
-    file = os.path.join(torch.hub.get_dir(), 'checkpoints', spec.ident)
-    try:
-        return torch.hub.load_state_dict_from_url(spec.url, progress=sys.stderr.isatty(), check_hash=True,
-                                                  weights_only=True, map_location='cpu')
-    except Exception as e:
-        reason = getattr(e, 'reason', None) or str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f'cannot load {spec.name}: {file} is not there and downloading {spec.url} failed '
-                        f'({reason}). Put the file there (or set MODEL_PATH / --weights to a copy of it), '
-                        'or pass --weights none for random weights') from e
-
-
-def safe_torch_load(path, what='checkpoint'):
-    """torch.load that never executes code from the file, with one-line errors for what goes wrong."""
-    if not os.path.exists(path):
-        raise UserError(f'{what} {path} does not exist' + (
-            '; train one with `python monkeypox.py train` or pass --checkpoint FILE' if what == 'checkpoint' else ''))
-    if os.path.isdir(path):
-        raise UserError(f'{what} {path} is a folder; pass the file inside it')
-    if os.path.getsize(path) == 0:
-        raise UserError(f'{what} {path} is empty (0 bytes); copy it again or retrain')
-    try:
-        try:
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if 'mmap' not in str(e) and 'zip' not in str(e):
-                raise
-            return torch.load(path, map_location='cpu', weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        raise UserError(f'{what} {path} holds Python objects beyond tensors and plain data, and is refused '
-                        'unloaded (loading it could run code). Use a file written by this tool or by '
-                        'torch.save(model.state_dict())') from e
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f'{what} {path} is truncated or corrupt ({first}); copy it again or retrain') from e
-
-
-# ------------------------------------------------------------------------------------------------
-# Features: each photo goes through the frozen backbone once per view; the results are cached on disk
-
-class FeatureCache:
-    """Backbone features keyed by '<photo sha256>:<view>', for one model key (arch, weights, transforms,
-    precision, device type and torch version hashed together). Stored in packs, each written whole
-    (temporary file, then rename) with a digest of its contents: an interrupted write never appears,
-    and a damaged pack is detected, reported, deleted and recomputed, never trusted."""
-
-    def __init__(self, root, key, about):
-        self.dir = Path(root) / key if root else None
-        self.rows = {}
-        self.about = about
-        if self.dir and self.dir.is_dir():
-            for pack in sorted(self.dir.glob('pack-*.pt')):
-                self._read(pack)
-
-    def _read(self, pack):
-        try:
-            data = torch.load(pack, map_location='cpu', weights_only=True)
-            keys, feats = data['keys'], data['features']
-            if data['digest'] != self.digest(keys, feats):
-                raise ValueError('digest mismatch')
-        except Exception as e:
-            warn(f'feature cache {pack} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__});'
-                 ' deleted, its features will be recomputed')
-            with contextlib.suppress(OSError):
-                pack.unlink()
-            return
-        for k, row in zip(keys, feats):
-            self.rows[k] = row
-
-    @staticmethod
-    def digest(keys, feats):
-        h = hashlib.sha256('\n'.join(keys).encode())
-        h.update(str((tuple(feats.shape), str(feats.dtype))).encode())
-        h.update(feats.contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
-
-    def get(self, key):
-        return self.rows.get(key)
-
-    def put(self, keys, feats):
-        """Keep the rows, and write them as one new pack (its path is returned; None in memory only)."""
-        feats = feats.contiguous()
-        for k, row in zip(keys, feats):
-            self.rows[k] = row
-        if self.dir is None or not keys:
-            return
-        if not (self.dir / 'about.json').exists():
-            atomic_write(self.dir / 'about.json', lambda f: f.write(json.dumps(self.about, indent=1).encode()))
-        path = self.dir / f'pack-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}-{os.urandom(4).hex()}.pt'
-        torch_save({'keys': list(keys), 'features': feats, 'digest': self.digest(keys, feats)}, path)
-        return path
-
-    def compact(self, most=8):
-        """Merge the packs into one once there are more than `most`, so a warm start reads few files."""
-        if self.dir is None:
-            return
-        packs = sorted(self.dir.glob('pack-*.pt'))
-        if len(packs) <= most:
-            return
-        keys = sorted(self.rows)
-        merged = self.put(keys, torch.stack([self.rows[k] for k in keys]))
-        for p in packs:
-            if p != merged:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-
-
-def pretrained_model(cfg, spec, num_classes):
-    """--arch with --weights loaded and a fresh head, frozen; wrong weights are a one-line error."""
-    state = load_weights(cfg.arch, spec)
-    try:
-        model = build_model(cfg.arch, num_classes, state, seed=cfg.seed)
-    except WeightsMismatch as e:
-        other = guess_arch(state)
-        hint = f'they look like {other}: pass --arch {other}' if other else f'pass weights made for {cfg.arch}'
-        raise UserError(f'weights {spec.name} {e}; {hint}') from e
-    freeze(model)
-    return model
-
-
-class Extractor:
-    """Runs photos through the frozen backbone, once per (photo, view), reading and filling the cache.
-    The model is built only when something is missing from the cache: a warm run never builds it."""
-
-    def __init__(self, cfg, classes, spec):
-        self.cfg, self.classes, self.spec = cfg, classes, spec
-        self.device = resolve_device(cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
-        self.about = {'arch': cfg.arch, 'weights': spec.name, 'weights_id': spec.ident,
-                      'precision': self.precision, 'device': self.device.type, 'torch': str(torch.__version__),
-                      'torchvision': torchvision.__version__,
-                      'eval_transform': repr(eval_transform()), 'train_transform': repr(train_transform(cfg.crop_scale)),
-                      'inference': 'bf16 autocast; fp32 with batchnorm folded'}
-        key = hashlib.sha256(json.dumps(self.about, sort_keys=True).encode()).hexdigest()[:16]
-        self.cache = FeatureCache(cfg.cache or None, key, self.about)
-        self._model = None
-        self.backbone_calls = 0  # batches that went through the backbone (the tests count them)
-        self.crops, self.seconds = 0, 0.0  # crops computed, and the wall time it took (the benchmark reads it)
-
-    def model(self):
-        if self._model is None:
-            self._model = pretrained_model(self.cfg, self.spec, len(self.classes))
-        return self._model
-
-    def features(self, photos, views):
-        """Features [len(photos), len(views), dim] for the given view names of each photo, and the list of
-        [path, reason] for photos that could not be read (their rows are zero)."""
-        keys = [[f'{p.sha}:{v}' for v in views] for p in photos]
-        missing = {i: [v for v, k in zip(views, ks) if self.cache.get(k) is None] for i, ks in enumerate(keys)}
-        missing = {i: vs for i, vs in missing.items() if vs}
-        if RANKS.world > 1:  # caches can differ between machines: compute whatever any rank lacks
-            union = {}
-            for part in gather(missing):
-                for i, vs in part.items():
-                    union.setdefault(i, set()).update(vs)
-            missing = {i: [v for v in views if v in union[i]] for i in union}
-        todo = sorted(missing)
-        failures = self._extract([photos[i] for i in todo], [missing[i] for i in todo]) if todo else []
-        dim = next((self.cache.get(k).shape[0] for ks in keys for k in ks if self.cache.get(k) is not None), 0)
-        out = torch.zeros(len(photos), len(views), dim, dtype=self.feature_dtype())
-        for i, ks in enumerate(keys):
-            for j, k in enumerate(ks):
-                row = self.cache.get(k)
-                if row is not None:
-                    out[i, j] = row
-        return out, failures
-
-    def feature_dtype(self):
-        return compute_dtype(self.precision)
-
-    def _extract(self, photos, views):
-        """Run this rank's share of the photos through the backbone, write its own cache packs, and share
-        the results with the other ranks."""
-        t0 = time.perf_counter()
-        device, cfg = self.device, self.cfg
-        backbone, _ = inference_model(self.model(), device, self.precision)
-        per_batch = max(1, cfg.extract_batch_size // max(map(len, views)))
-        loader = photo_loader(photos, views, per_batch, cfg.workers, device, cfg.crop_scale)
-        failures, pending_keys, pending, own_keys, own = [], [], [], [], []
-        last_flush, done_before = time.time(), 0
-        mine = sum(len(views[i]) for chunk in my_chunks(len(photos), per_batch) for i in chunk)
-        bar = tqdm(total=mine, desc=f'extract {cfg.arch} features', unit='crop', disable=None if is_main() else True,
-                   leave=False)
-        try:
-            with torch.inference_mode():
-                for batch in loader:
-                    crops, keys = [], []
-                    for i, x, err in batch:
-                        if err:
-                            failures.append([photos[i].path, err])
-                            continue
-                        crops.append(x)
-                        keys += [f'{photos[i].sha}:{v}' for v in views[i]]
-                    if crops:
-                        x = backbone_input(torch.cat(crops), device)
-                        f = backbone(x).to(self.feature_dtype()).cpu()
-                        self.backbone_calls += 1
-                        self.crops += len(x)
-                        pending.append(f)
-                        pending_keys += keys
-                        own.append(f)
-                        own_keys += keys
-                    bar.update(sum(len(views[i]) for i, _, _ in batch))
-                    if pending and time.time() - last_flush > 30:  # long extractions save as they go
-                        self.cache.put(pending_keys, torch.cat(pending))
-                        done_before += len(pending_keys)
-                        pending_keys, pending, last_flush = [], [], time.time()
-        except KeyboardInterrupt:
-            kept = len(pending_keys) + done_before
-            say(f'interrupted during feature extraction: {kept} features kept' +
-                (f' in the cache {self.cache.dir}; run the same command again to continue' if self.cache.dir
-                 else ' in memory only (--no-cache): nothing saved') + '; no checkpoint was written by this run')
-            raise
-        finally:
-            bar.close()
-            if pending:  # also on Ctrl-C: what was computed is kept, as complete packs (each rank its own)
-                self.cache.put(pending_keys, torch.cat(pending))
-            if RANKS.world == 1:
-                self.cache.compact()
-            self.seconds += time.perf_counter() - t0
-        if RANKS.world > 1:  # every rank gets every feature; each wrote only its own packs
-            failures = []
-            for r, (keys, feats, fails) in enumerate(gather((own_keys, torch.cat(own) if own else None, failures))):
-                failures += fails
-                if r != RANKS.rank and feats is not None:
-                    self.cache.rows.update(zip(keys, feats))
-        return failures
-
-
-# ------------------------------------------------------------------------------------------------
-# Train
-
-def select_threshold(y_pos, p_pos, target):
-    """Highest threshold t with sensitivity (share of positives with p >= t) of at least `target`."""
-    scores = sorted((p for y, p in zip(y_pos, p_pos) if y), reverse=True)
-    if not scores:
-        return THRESHOLD
-    k = max(1, math.ceil(target * len(scores) - 1e-9))
-    return float(scores[min(k, len(scores)) - 1])
-
-
-class Run:
-    """One training run's bookkeeping: per-epoch history and progress line, the best epoch (copied,
-    never referenced), the atomic best checkpoint and the resume file."""
-
-    def __init__(self, cfg, model, meta, out, positive):
-        self.cfg, self.model, self.meta, self.out, self.positive = cfg, model, meta, out, positive
-        self.history, self.best, self.best_written = [], None, None
-        self.last_write = time.time()  # fast (head) epochs: the best is written once, at the end
-        # only rank 0 writes files; every rank keeps the same history and best (their numbers are equal)
-        self.checkpoint = os.path.join(out, os.path.basename(SAVE_PATH)) if out and is_main() else None
-
-    def better(self, m):
-        return self.best is None or (m['balanced_accuracy'], -m['loss']) > tuple(self.best['score'])
-
-    def end_epoch(self, stage, epoch, epochs, train_stats, val, optimizer, rng, seconds):
-        row = {'stage': stage, 'epoch': epoch, 'train_loss': train_stats['loss'], 'train_accuracy':
-               train_stats['accuracy'], 'val_loss': val['metrics']['loss'] if val else float('nan'),
-               'val_accuracy': val['metrics']['accuracy'] if val else float('nan'),
-               'val_balanced_accuracy': val['metrics']['balanced_accuracy'] if val else float('nan'),
-               'seconds': seconds}
-        self.history.append(row)
-        improved = val is not None and self.better(val['metrics'])
-        if val is None or improved:  # with no validation photos the last epoch is the model
-            self.best = {'stage': stage, 'epoch': epoch, 'state': trainable_state(self.model),
-                         'score': [val['metrics']['balanced_accuracy'], -val['metrics']['loss']] if val else [],
-                         'metrics': val['operating'] if val else {},
-                         'threshold': val['threshold'] if val else self.cfg.threshold}
-        v = (f' | val loss {row["val_loss"]:.3f} acc {row["val_accuracy"]:.3f} bal {row["val_balanced_accuracy"]:.3f}'
-             if val else '')
-        say(f'{stage} epoch {epoch:3d}/{epochs} | train loss {row["train_loss"]:.3f} acc {row["train_accuracy"]:.3f}'
-            f'{v} | {seconds:.2f}s{" *" if improved else ""}')
-        if self.checkpoint:
-            if self.best is not self.best_written and time.time() - self.last_write >= CHECKPOINT_SECONDS:
-                self.write_best()
-            torch_save({'format': 'monkeypox.py resume', 'fingerprint': self.meta['fingerprint'], 'stage': stage,
-                        'epoch': epoch, 'trainable': trainable_state(self.model), 'optimizer': optimizer.state_dict(),
-                        'rng': rng.get_state() if rng is not None else None, 'history': self.history,
-                        'best': {k: v for k, v in self.best.items()}}, os.path.join(self.out, RESUME_NAME))
-
-    def restore(self, resume):
-        self.history = resume['history']
-        self.best = resume['best']
-        self.best_written = None
-
-    def full_state(self):
-        state = self.model.state_dict()
-        state.update(self.best['state'])
-        return {k: v.detach().cpu() for k, v in state.items()}
-
-    def checkpoint_dict(self):
-        b = self.best
-        return {**self.meta, 'model': self.full_state(), 'epoch': b['epoch'], 'stage': b['stage'],
-                'threshold': b['threshold'], 'metrics': b['metrics'], 'history': self.history}
-
-    def write_best(self, final=False):
-        # the final write always happens: the checkpoint's history must be the whole run's, not the
-        # history as it stood when the best epoch was last written
-        if not self.checkpoint or self.best is None or (self.best is self.best_written and not final):
-            return
-        ckpt = self.checkpoint_dict()
-        torch_save(ckpt, self.checkpoint)
-        write_class_map(ckpt['classes'], os.path.join(self.out, CLASS_MAP_NAME))
-        self.best_written, self.last_write = self.best, time.time()
-
-    def finish(self):
-        self.write_best(final=True)
-        if self.checkpoint:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.out, RESUME_NAME))
-            write_summary(self.history, os.path.join(self.out, 'summary.csv'))
-            atomic_write(os.path.join(self.out, 'config.json'),
-                         lambda f: f.write(json.dumps(self.meta['config'], indent=1).encode()))
-
-
-def write_class_map(classes, path):
-    """class_dict.pk: {index: name}, pickled, as the original script wrote it."""
-    atomic_write(path, lambda f: pickle.dump({i: c for i, c in enumerate(classes)}, f, protocol=4))
-
-
-class _PlainDataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):  # dicts, ints and strings need no class: anything else is refused
-        raise pickle.UnpicklingError(f'refused {module}.{name}')
-
-
-def read_class_map(path):
-    """class_dict.pk back as {index: name}, through an unpickler that can build nothing but plain data."""
-    try:
-        with open(path, 'rb') as f:
-            classes = _PlainDataUnpickler(f).load()
-    except FileNotFoundError:
-        raise UserError(f'class map {path} does not exist')
-    except Exception as e:
-        raise UserError(f'class map {path} refused: it must be a pickled {{index: name}} dict of ints and '
-                        f'strings only ({e}); nothing in it was run') from e
-    if not (isinstance(classes, dict) and classes and all(isinstance(k, int) for k in classes)
-            and all(isinstance(v, str) for v in classes.values()) and sorted(classes) == list(range(len(classes)))):
-        raise UserError(f'class map {path} is not an {{index: name}} dict with indices 0..n-1')
-    return classes
-
-
-def write_summary(history, path):
-    def write(f):
-        text = io.StringIO()
-        w = csv.DictWriter(text, fieldnames=list(history[0]) if history else ['epoch'])
-        w.writeheader()
-        w.writerows(history)
-        f.write(text.getvalue().encode())
-    atomic_write(path, write)
-
-
-def positive_index(classes, positive):
-    """Index of the class screened for: --positive-class, else the class named like mpox/monkeypox."""
-    if positive and positive != 'auto':
-        if positive not in classes:
-            raise UserError(f'--positive-class {positive!r} is not one of the classes {classes}')
-        return classes.index(positive)
-    for i, c in enumerate(classes):
-        if re.sub(r'[\s_-]+', '', c.lower()) in ('monkeypox', 'mpox', 'monkeypoxvirus'):
-            return i
-    return None
-
-
-def head_epoch(head, x, y, views, cfg, optimizer, rng):
-    """One pass over the stored features: each photo contributes one of its stored views, drawn at random."""
-    n = len(y)
-    order = torch.randperm(n, generator=rng)
-    pick = torch.randint(views, (n,), generator=rng)
-    total, correct, seen = 0.0, 0, 0
-    head.train()
-    for s in range(0, n, cfg.batch_size):
-        idx = order[s:s + cfg.batch_size]
-        logits = head(x[idx, pick[idx]].float())
-        loss = F.cross_entropy(logits, y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(idx)
-        correct += (logits.argmax(1) == y[idx]).sum().item()
-        seen += len(idx)
-    head.eval()
-    return {'loss': total / seen, 'accuracy': correct / seen}
-
-
-def validate(logits_fn, y, classes, positive, cfg):
-    """Validation metrics at --threshold ('metrics': they pick the best epoch and fill the history), the
-    threshold the checkpoint will carry (--threshold, or the highest reaching --target-sensitivity) and
-    the metrics at that threshold ('operating': stored, so they are what `evaluate` reports on the same
-    photos). Epochs are compared at the fixed threshold: comparing them at a threshold tuned on the same
-    photos picked epochs whose tuning flattered them, and cut cross-validated sensitivity at
-    --target-sensitivity 0.8 from 0.83 to 0.75 (MobileNetV2, MSLD)."""
-    with torch.no_grad():
-        logits = logits_fn()
-    loss = F.cross_entropy(logits, y).item()
-    probs = logits.softmax(1)
-    threshold = cfg.threshold
-    if positive is not None and cfg.target_sensitivity > 0:
-        threshold = select_threshold((y == positive).tolist(), probs[:, positive].tolist(), cfg.target_sensitivity)
-    m, at = (metrics(y.tolist(), probs.tolist(), classes, positive, t) for t in (cfg.threshold, threshold))
-    m['loss'] = at['loss'] = loss
-    return {'metrics': m, 'threshold': threshold, 'operating': at}
-
-
-def fit_head(model, train_x, train_y, val_x, val_y, classes, positive, cfg, run, resume=None):
-    """Adam + cross-entropy on the stored features; the best epoch goes to `run`."""
-    head = model.get_submodule(head_name(model))
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    rng = torch.Generator().manual_seed(cfg.seed)
-    start = 1
-    if resume and resume['stage'] == 'head':
-        head.load_state_dict({k.split('.')[-1]: v for k, v in resume['trainable'].items()})
-        optimizer.load_state_dict(resume['optimizer'])
-        rng.set_state(resume['rng'])
-        start = resume['epoch'] + 1
-    for epoch in range(start, cfg.epochs + 1):
-        t0 = time.time()
-        stats = head_epoch(head, train_x, train_y, train_x.shape[1], cfg, optimizer, rng)
-        val = validate(lambda: head(val_x.float()), val_y, classes, positive, cfg) if len(val_y) else None
-        run.end_epoch('head', epoch, cfg.epochs, stats, val, optimizer, rng, time.time() - t0)
-
-
-def fingerprint(cfg, split, spec):
-    """What a resumed run must share with the interrupted one."""
-    keep = {k: v for k, v in vars(cfg).items() if k not in ('resume', 'workers', 'no_plot', 'extract_batch_size')}
-    ids = [[p.sha for p in split.train], [p.sha for p in split.val], spec.ident]
-    return hashlib.sha256(json.dumps([keep, ids], sort_keys=True, default=str).encode()).hexdigest()
-
-
-def relpaths(photos, root):
-    return [os.path.relpath(p.path, root) for p in photos]
-
-
-@dataclasses.dataclass
-class Features:
-    photos: list         # Photos, in row order
-    x: torch.Tensor      # [photos, views, dim] backbone features
-    y: torch.Tensor      # [photos] class indices
-
-    def subset(self, idx):
-        return Features([self.photos[i] for i in idx], self.x[idx], self.y[idx])
-
-
-def photo_features(extractor, photos, views):
-    """Features of the given views of each photo; unreadable photos are reported and left out."""
-    x, failures = extractor.features(photos, views)
-    bad = {path for path, _ in failures}
-    keep = [i for i, p in enumerate(photos) if p.path not in bad]
-    return Features([photos[i] for i in keep], x[keep], torch.tensor([photos[i].label for i in keep])), failures
-
-
-def fit(model, train_f, val_f, classes, positive, cfg, run, resume=None):
-    """Train `model` (a full model, or a bare head on features): the head on the stored features, then
-    with --unfreeze the last stages on freshly augmented photos. The model leaves at its best epoch."""
-    if not (resume and resume['stage'] == 'finetune'):
-        fit_head(model, train_f.x, train_f.y, val_f.x[:, 0], val_f.y, classes, positive, cfg, run, resume)
-    if cfg.unfreeze:  # fine-tuning starts from the converged head (the last epoch), not an early best
-        finetune(model, train_f, val_f, classes, positive, cfg, run, resume)
-    model.load_state_dict(run.best['state'], strict=False)
-    return run.best
-
-
-def finetune(model, train_f, val_f, classes, positive, cfg, run, resume=None):
-    """Fine-tune the last --unfreeze stages and the head: Adam with --backbone-lr for the stages and LR
-    for the head, on-the-fly RandomResizedCrop + flip (a new crop of every photo each epoch), BatchNorm
-    in inference mode throughout (Keras's advice for small data: its statistics stay ImageNet's).
-    Under torchrun: DistributedDataParallel, each rank a DistributedSampler share of every batch."""
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    head, stages = freeze(model, cfg.unfreeze)
-    for k, v in model.named_parameters():  # the best so far (head stage) must carry these stages' weights too
-        if v.requires_grad and k not in run.best['state']:
-            run.best['state'][k] = v.detach().clone()
-    model.to(device).to(memory_format=torch.channels_last)
-    net = model
-    if RANKS.world > 1:  # gradients averaged across ranks
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    optimizer = torch.optim.Adam([{'params': list(head.parameters()), 'lr': cfg.lr},
-                                  {'params': [p for s in stages for p in s.parameters()], 'lr': cfg.backbone_lr}])
-    # one sampler for one process or many: its seeded permutation makes the global batches the same
-    sampler = torch.utils.data.DistributedSampler(range(len(train_f.photos)), num_replicas=RANKS.world,
-                                                  rank=RANKS.rank, shuffle=True, seed=cfg.seed)
-    base_lrs = [g['lr'] for g in optimizer.param_groups]
-    per_rank = max(1, cfg.batch_size // RANKS.world)
-    steps = math.ceil(len(sampler) / per_rank)  # per epoch, the same on every rank
-    start = 1
-    if resume and resume['stage'] == 'finetune':
-        model.load_state_dict(resume['trainable'], strict=False)
-        optimizer.load_state_dict(resume['optimizer'])
-        start = resume['epoch'] + 1
-    for epoch in range(start, cfg.finetune_epochs + 1):
-        t0 = time.time()
-        sampler.set_epoch(epoch)
-        photos = [train_f.photos[i] for i in sampler]
-        # a crop named by the epoch: reproducible, so --resume and every rank see the same pixels
-        data = ViewDataset(photos, [[f'finetune{epoch}']] * len(photos), cfg.crop_scale)
-        loader = torch.utils.data.DataLoader(data, batch_size=per_rank, num_workers=cfg.workers,
-                                             collate_fn=collate_views, pin_memory=device.type == 'cuda')
-        total, correct, seen = 0.0, 0, 0
-        for step, batch in enumerate(tqdm(loader, desc=f'finetune epoch {epoch}', unit='batch', leave=False,
-                                          disable=None if is_main() else True)):
-            factor = finetune_lr_factor((epoch - 1) * steps + step, steps, cfg.finetune_epochs)
-            for group, lr in zip(optimizer.param_groups, base_lrs):
-                group['lr'] = lr * factor
-            bad = [err for _, _, err in batch if err]
-            if bad:  # read fine moments ago, when its features were extracted
-                raise UserError(f'{bad[0]} (it changed during training); fix it and run again with --resume')
-            x = torch.cat([x for _, x, _ in batch]).to(device, non_blocking=True).contiguous(
-                memory_format=torch.channels_last)
-            y = torch.tensor([photos[i].label for i, _, _ in batch], device=device)
-            with autocast(device, precision):
-                logits = net(x).float()
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-        total, correct, seen = map(sum, zip(*gather((total, correct, seen))))
-        val = None
-        if len(val_f.y):
-            val_logits = lambda: photo_logits(model, val_f.photos, device, precision)  # noqa: E731
-            val = validate(val_logits, val_f.y, classes, positive, cfg)
-        run.end_epoch('finetune', epoch, cfg.finetune_epochs, {'loss': total / max(seen, 1),
-                      'accuracy': correct / max(seen, 1)}, val, optimizer, None, time.time() - t0)
-    model.cpu()
-
-
-def finetune_lr_factor(step, steps_per_epoch, epochs):
-    """Learning-rate multiplier at a fine-tuning step: linear warm-up over the first epoch (Adam's first
-    steps are large next to pretrained weights), then cosine decay to zero at the last step."""
-    if step < steps_per_epoch:
-        return (step + 1) / steps_per_epoch
-    rest = max(1, steps_per_epoch * (epochs - 1))
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - steps_per_epoch) / rest)))
-
-
-def photo_logits(model, photos, device, precision):
-    """Logits of the full model on the photos' evaluation view (backbone under autocast, head in fp32),
-    computed in batches shared among the ranks."""
-    backbone, head = inference_model(model, device, precision)
-    out = {}
-    with torch.inference_mode():
-        for batch in photo_loader(photos, [[EVAL_VIEW]] * len(photos), EXTRACT_BATCH_SIZE, 0, device):
-            f = backbone(backbone_input(torch.cat([x for _, x, _ in batch]), device))
-            out.update(zip([i for i, _, _ in batch], head(f.float()).cpu()))
-    for part in gather(out) if RANKS.world > 1 else []:
-        out.update(part)
-    return torch.stack([out[i] for i in range(len(photos))]) if photos else torch.zeros(0, 0)
-
-
-def train(cfg):
-    """Train the head (and the unfrozen stages) on --data; returns the checkpoint path and the split."""
-    memo = load_memo(cfg.cache)
-    split = load_split(cfg.data, cfg.val_fraction, cfg.seed, memo)
-    spec = resolve_weights(cfg.arch, cfg.weights, cfg.seed, memo)
+def warn(message):
     if is_main():
-        save_memo(cfg.cache, memo)
-    print_split(split, f', seed {cfg.seed}, {cfg.val_fraction:.0%} held out' if split.how == 'grouped' else '')
-    positive = positive_index(split.classes, cfg.positive_class)
-    extractor = Extractor(cfg, split.classes, spec)
-    say(f'model: {cfg.arch}, weights {spec.name}, {extractor.device.type} {extractor.precision}, frozen backbone'
-        + (f', then its last {cfg.unfreeze} stages fine-tuned' if cfg.unfreeze else ''))
-    t0 = time.time()
-    train_f, bad = photo_features(extractor, split.train, [f'train{k}' for k in range(cfg.views)])
-    val_f, bad_val = photo_features(extractor, split.val, [EVAL_VIEW])
-    if bad + bad_val:
-        report_skipped(bad + bad_val, listed_in='the checkpoint (split.skipped)')
-        drop_unreadable(split, bad + bad_val)
-    done = (f'{extractor.crops} crops computed at {extractor.crops / extractor.seconds:.1f} crops/s'
-            if extractor.crops else 'all from cache')
-    say(f'features: {len(split.train)}x{cfg.views} training views + {len(split.val)} validation photos, {done}, '
-        f'{time.time() - t0:.1f}s' + (f' (cache {extractor.cache.dir})' if extractor.cache.dir else ''))
-    model = extractor._model
-    if model is None:  # everything came from the cache: build the model only now, to save it
-        model = pretrained_model(cfg, spec, len(split.classes))
-    freeze(model)
-    model.cpu()
-    meta = {'format': CHECKPOINT_FORMAT, 'version': CHECKPOINT_VERSION, 'arch': cfg.arch,
-            'classes': split.classes, 'positive_class': split.classes[positive] if positive is not None else None,
-            'preprocess': {'image_size': IMAGE_SIZE, 'resize': RESIZE, 'mean': list(MEAN), 'std': list(STD)},
-            'weights': {'source': spec.name, 'kind': spec.kind, 'id': spec.ident},
-            'config': {k: v for k, v in vars(cfg).items()}, 'precision': extractor.precision,
-            'split': {'root': os.path.abspath(split.root), 'how': split.how, 'seed': cfg.seed,
-                      'val_fraction': cfg.val_fraction, 'train': relpaths(split.train, split.root),
-                      'val': relpaths(split.val, split.root), 'skipped': split.skipped},
-            'versions': {'torch': str(torch.__version__), 'torchvision': torchvision.__version__,
-                         'python': sys.version.split()[0]},
-            'fingerprint': fingerprint(cfg, split, spec)}
-    run = Run(cfg, model, meta, cfg.out, positive)
-    resume = read_resume(cfg, meta) if cfg.resume else None
-    if resume:
-        run.restore(resume)
-    try:
-        fit(model, train_f, val_f, split.classes, positive, cfg, run, resume)
-        run.finish()
-    except KeyboardInterrupt:
-        saved = (f'best checkpoint so far (epoch {run.best["epoch"]}) in {run.checkpoint}' if run.best else
-                 'no checkpoint yet')
-        with contextlib.suppress(Exception):
-            run.write_best()
-        say(f'interrupted: {saved}; resume with --resume')
-        raise
-    if not len(val_f.y):
-        warn('no validation photos: the checkpoint is the last epoch and no accuracy can be claimed')
-    say(f'saved {run.checkpoint} (best epoch {run.best["epoch"]}'
-        + (f', val balanced accuracy {run.best["metrics"]["balanced_accuracy"]:.3f}' if len(val_f.y) else '')
-        + f', threshold {run.best["threshold"]:.2f})')
-    if not cfg.no_plot and is_main():
-        say(f'plot: {plot_curves(run.history, os.path.join(cfg.out, "curves.png"))}')
-    return run.checkpoint, split
-
-
-def read_resume(cfg, meta):
-    path = os.path.join(cfg.out, RESUME_NAME)
-    resume = safe_torch_load(path, what='resume file') if os.path.exists(path) else None
-    if resume is None:
-        raise UserError(f'--resume: {path} does not exist (the run finished, or never started); drop --resume')
-    if resume.get('format') != 'monkeypox.py resume' or resume.get('fingerprint') != meta['fingerprint']:
-        raise UserError(f'--resume: {path} belongs to a run with other data or settings; use the same flags, '
-                        'or drop --resume to start over')
-    say(f'resuming from {resume["stage"]} epoch {resume["epoch"]}')
-    return resume
-
-
-def load_memo(cache):
-    """sha256 of photos and weights files from an earlier run, by path, size and mtime (see sha256_file)."""
-    if not cache:
-        return {}
-    try:
-        with open(os.path.join(cache, 'hashes.json')) as f:
-            return json.load(f)
-    except (OSError, ValueError, TypeError):
-        return {}
-
-
-def save_memo(cache, memo):
-    if cache:
-        with contextlib.suppress(UserError):
-            atomic_write(os.path.join(cache, 'hashes.json'), lambda f: f.write(json.dumps(memo).encode()))
-
-
-# ------------------------------------------------------------------------------------------------
-# Evaluate
-
-def decide(probs, positive, threshold):
-    """Predicted class per row of probabilities: the positive class when its probability reaches the
-    threshold, else the most probable other class (plain argmax when there is no positive class)."""
-    preds = []
-    for p in probs:
-        if positive is None:
-            preds.append(max(range(len(p)), key=p.__getitem__))
-        elif p[positive] >= threshold:
-            preds.append(positive)
-        else:
-            preds.append(max((k for k in range(len(p)) if k != positive), key=p.__getitem__))
-    return preds
-
-
-def wilson(k, n, z=1.959963984540054):
-    """95% Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return [float('nan'), float('nan')]
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
-def roc_auc(y_pos, scores):
-    """Area under the ROC curve: the probability that a positive outscores a negative (ties count half)."""
-    pos = [s for y, s in zip(y_pos, scores) if y]
-    neg = [s for y, s in zip(y_pos, scores) if not y]
-    if not pos or not neg:
-        return float('nan')
-    ranks = average_ranks(scores)
-    rank_sum = sum(r for r, y in zip(ranks, y_pos) if y)
-    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
-
-
-def average_ranks(values):
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def roc_curve(y_pos, scores):
-    """(false positive rates, true positive rates, thresholds), thresholds from high to low: one sweep
-    down the sorted scores, a point after each run of equal scores."""
-    P = sum(map(bool, y_pos))
-    N = len(y_pos) - P
-    fpr, tpr, thr = [0.0], [0.0], [float('inf')]
-    tp = fp = 0
-    ranked = sorted(zip(scores, y_pos), key=lambda t: -t[0])
-    for k, (s, y) in enumerate(ranked):
-        tp, fp = tp + bool(y), fp + (not y)
-        if k + 1 == len(ranked) or ranked[k + 1][0] != s:
-            fpr.append(fp / N if N else float('nan'))
-            tpr.append(tp / P if P else float('nan'))
-            thr.append(s)
-    return fpr, tpr, thr
-
-
-def metrics(labels, probs, classes, positive, threshold, preds=None):
-    """Everything `evaluate` reports, as plain numbers (JSON-ready). `preds`: decisions already made
-    (cv's pooled folds, each at its own threshold) instead of deciding at `threshold`."""
-    preds = decide(probs, positive, threshold) if preds is None else preds
-    n, C = len(labels), len(classes)
-    cm = [[0] * C for _ in range(C)]
-    for y, p in zip(labels, preds):
-        cm[y][p] += 1
-    recall = [cm[k][k] / sum(cm[k]) if sum(cm[k]) else float('nan') for k in range(C)]
-    col = [sum(cm[r][k] for r in range(C)) for k in range(C)]
-    precision = [cm[k][k] / col[k] if col[k] else float('nan') for k in range(C)]
-    present = [r for r in recall if not math.isnan(r)]
-    m = {'n': n, 'classes': list(classes), 'threshold': threshold,
-         'positive_class': classes[positive] if positive is not None else None,
-         'accuracy': sum(cm[k][k] for k in range(C)) / n if n else float('nan'),
-         'balanced_accuracy': sum(present) / len(present) if present else float('nan'),
-         'precision': dict(zip(classes, precision)), 'recall': dict(zip(classes, recall)),
-         'support': {c: sum(cm[k]) for k, c in enumerate(classes)}, 'confusion_matrix': cm,
-         'sensitivity': None, 'sensitivity_ci': None, 'specificity': None, 'specificity_ci': None, 'auc': None}
-    if positive is not None:
-        tp = cm[positive][positive]
-        P = sum(cm[positive])
-        tn = sum(cm[r][c] for r in range(C) for c in range(C) if r != positive and c != positive)
-        N = n - P
-        y_pos = [y == positive for y in labels]
-        m.update(sensitivity=tp / P if P else float('nan'), sensitivity_ci=wilson(tp, P),
-                 specificity=tn / N if N else float('nan'), specificity_ci=wilson(tn, N),
-                 auc=roc_auc(y_pos, [p[positive] for p in probs]))
-    return m
-
-
-def json_ready(obj):
-    """NaN is not JSON: report it as null."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    return obj
-
-
-def print_metrics(m, title):
-    f = lambda x: '  n/a' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{x:.3f}'  # noqa: E731
-    say(title)
-    say(f'accuracy {f(m["accuracy"])}   balanced accuracy {f(m["balanced_accuracy"])}   ({m["n"]} photos)')
-    if m['positive_class'] is not None:
-        pc = m['positive_class']
-        ci = lambda c: '' if c is None or math.isnan(c[0]) else f' (95% CI {c[0]:.2f}-{c[1]:.2f})'  # noqa: E731
-        say(f'{pc}: called when P({pc}) >= {m["threshold"]:.2f}')
-        say(f'  sensitivity {f(m["sensitivity"])}{ci(m["sensitivity_ci"])}   '
-            f'specificity {f(m["specificity"])}{ci(m["specificity_ci"])}   ROC AUC {f(m["auc"])}')
-    width = max(10, max(len(c) for c in m['classes']))
-    say(f'  {"class":<{width}}  precision  recall      n')
-    for c in m['classes']:
-        say(f'  {c:<{width}}  {f(m["precision"][c]):>9}  {f(m["recall"][c]):>6}  {m["support"][c]:5d}')
-    say('  confusion matrix (rows: true class, columns: predicted):')
-    for c, row in zip(m['classes'], m['confusion_matrix']):
-        say(f'  {c:<{width}}  ' + '  '.join(f'{v:5d}' for v in row))
-
-
-@dataclasses.dataclass
-class Loaded:
-    model: nn.Module
-    ckpt: dict
-    classes: list
-    positive: int
-    path: str
-
-
-def load_checkpoint(path):
-    """A checkpoint written by `train`: its model rebuilt from the file alone."""
-    ckpt = safe_torch_load(path)
-    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        ckpt = bare_state_dict_checkpoint(ckpt, path)
-    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
-        raise UserError(f'{path} is not a monkeypox.py checkpoint (no "format" entry); '
-                        'pass the file `train` wrote (chk/monkeypox_model.pkl)')
-    missing = [k for k in ('model', 'arch', 'classes', 'preprocess') if k not in ckpt]
-    if missing:
-        raise UserError(f'{path} is an incomplete checkpoint (missing {", ".join(missing)}); retrain')
-    classes = list(ckpt['classes'])
-    try:
-        model = build_model(ckpt['arch'], len(classes), ckpt['model'], load_head=True)
-    except WeightsMismatch as e:
-        raise UserError(f'{path}: its weights {e}; the file is damaged, or its {len(classes)} class names '
-                        'do not match its head') from e
-    except Exception as e:
-        raise UserError(f'{path}: cannot rebuild {ckpt["arch"]} ({e}); this torchvision may lack it') from e
-    pc = ckpt.get('positive_class')
-    return Loaded(model, ckpt, classes, classes.index(pc) if pc in classes else None, path)
-
-
-def bare_state_dict_checkpoint(state, path):
-    """A bare state_dict (the original script saved one) is usable when the class names can be had
-    from class_dict.pk beside it and the architecture from the tensors; else say how to make it so."""
-    state = {k.removeprefix('module.'): v for k, v in state.items()}
-    class_map = os.path.join(os.path.dirname(os.path.abspath(path)), CLASS_MAP_NAME)
-    arch = guess_arch(state, ARCH)
-    if arch is None:
-        raise UserError(f'{path} is a bare state_dict ({len(state)} tensors) of no architecture this tool knows; '
-                        'retrain with `python monkeypox.py train`')
-    if not os.path.exists(class_map):
-        raise UserError(f'{path} is a bare {arch} state_dict without class names; put its {CLASS_MAP_NAME} '
-                        '(a pickled {index: name} dict) beside it, or retrain with `python monkeypox.py train`')
-    names = read_class_map(class_map)
-    classes = [names[i] for i in range(len(names))]
-    head = head_name(construct(arch, meta=True))
-    outputs = state[f'{head}.weight'].shape[0]
-    if outputs != len(classes):
-        raise UserError(f'{path}: its head has {outputs} outputs but {class_map} names {len(classes)} classes; '
-                        'use the class map written with these weights')
-    warn(f'{path} is a bare state_dict: using {arch} (from its tensors), classes {classes} from {class_map}, '
-         'ImageNet preprocessing and threshold 0.5')
-    positive = positive_index(classes, 'auto')
-    return {'format': CHECKPOINT_FORMAT, 'version': CHECKPOINT_VERSION, 'model': state, 'arch': arch,
-            'classes': classes, 'positive_class': classes[positive] if positive is not None else None,
-            'preprocess': {'image_size': IMAGE_SIZE, 'resize': RESIZE, 'mean': list(MEAN), 'std': list(STD)},
-            'threshold': THRESHOLD}
-
-
-def predict_probs(loaded, photos, device, precision, desc='predict'):
-    """Class probabilities of each photo (eval transform), in batches shared among the ranks, model and
-    input on one device. Returns ({photo index: probs}, failures [path, reason])."""
-    backbone, head = inference_model(loaded.model, device, precision)
-    workers = default_workers() if len(photos) > EXTRACT_BATCH_SIZE else 0
-    loader = photo_loader(photos, [[EVAL_VIEW]] * len(photos), EXTRACT_BATCH_SIZE, workers, device,
-                          pre=preprocessing(loaded.ckpt))
-    probs, failures = {}, []
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, unit='batch', disable=None if is_main() else True, leave=False):
-            ok = [(i, x) for i, x, err in batch if err is None]
-            failures += [[photos[i].path, err] for i, _, err in batch if err]
-            if not ok:
-                continue
-            f = backbone(backbone_input(torch.cat([x for _, x in ok]), device))
-            p = head(f.float()).softmax(1).cpu()  # the head in fp32 on the features, exactly as in training
-            for (i, _), row in zip(ok, p.tolist()):
-                probs[i] = row
-    merged, all_failures = {}, []
-    for part, fails in gather((probs, failures)):
-        merged.update(part)
-        all_failures += fails
-    return merged, sorted(all_failures)
-
-
-def operating_threshold(cfg, loaded):
-    """--threshold when given, else the one the checkpoint was trained for."""
-    return cfg.threshold if cfg.threshold is not None else loaded.ckpt.get('threshold', THRESHOLD)
-
-
-def evaluation_photos(loaded, data, use_all):
-    """Which photos `evaluate` scores, and a sentence saying so."""
-    split = loaded.ckpt.get('split', {})
-    if os.path.isdir(os.path.join(data, 'train')):
-        for sub in ('test', 'val'):
-            if os.path.isdir(os.path.join(data, sub)):
-                _, photos = read_photos(os.path.join(data, sub), loaded.classes)
-                return photos, f'{os.path.join(data, sub)} ({sub} folder, never used for training)'
-        raise UserError(f'{data} has train/ but no val/ or test/ folder to evaluate on; pass --data FOLDER')
-    _, photos = read_photos(data, loaded.classes)
-    rel = {os.path.relpath(p.path, data): p for p in photos}
-    trained = set(split.get('train', [])) | set(split.get('val', []))
-    same = split.get('how') == 'grouped' and trained and trained <= set(rel) and not use_all
-    if same:
-        val = [rel[r] for r in split['val']]
-        return val, (f'{data}: the {len(val)} validation photos of the checkpoint\'s split (seed {split["seed"]}); '
-                     '--all for every photo')
-    note = ' (--all: includes the photos the model was trained on)' if use_all and trained & set(rel) else ''
-    return photos, f'{data}: all {len(photos)} photos{note}'
-
-
-def evaluate(cfg):
-    loaded = load_checkpoint(cfg.checkpoint)
-    photos, what = evaluation_photos(loaded, cfg.data, cfg.all)
-    if not photos:
-        raise UserError(f'no photos to evaluate in {cfg.data}')
-    device = resolve_device(cfg.device)
-    precision = scoring_precision(cfg.precision, loaded, device)
-    probs, failures = predict_probs(loaded, photos, device, precision, desc='evaluate')
-    report_skipped(failures)
-    scored = [i for i in range(len(photos)) if i in probs]
-    threshold = operating_threshold(cfg, loaded)
-    labels, p = [photos[i].label for i in scored], [probs[i] for i in scored]
-    m = metrics(labels, p, loaded.classes, loaded.positive, threshold)
-    m.update(images=what, checkpoint=cfg.checkpoint, skipped=failures)
-    if cfg.json:
-        if is_main():
-            print(json.dumps(json_ready(m)))
-    else:
-        print_metrics(m, f'evaluated {what}\ncheckpoint {cfg.checkpoint} ({loaded.ckpt["arch"]}, epoch '
-                         f'{loaded.ckpt.get("epoch")})')
-        say(NOT_A_DIAGNOSIS)
-    if not cfg.no_plot and is_main():
-        out = cfg.out or os.path.dirname(os.path.abspath(cfg.checkpoint))
-        title = f'{os.path.basename(os.path.normpath(cfg.data))}: {m["n"]} photos'
-        say(f'plot: {plot_confusion(m["confusion_matrix"], loaded.classes, os.path.join(out, "confusion.png"), title)}')
-        if loaded.positive is not None:
-            k = loaded.positive
-            roc = plot_roc([y == k for y in labels], [q[k] for q in p], os.path.join(out, 'roc.png'), title,
-                           loaded.classes[k], operating=m)
-            say(f'plot: {roc}')
-        if cfg.sheet:
-            preds = decide(p, loaded.positive, threshold)
-            rows = [{'path': photos[i].path, 'true': y, 'pred': d, 'probs': q}
-                    for i, y, d, q in zip(scored, labels, preds, p)]
-            say(f'plot: {plot_sheet(rows, loaded.classes, os.path.join(out, "sheet.png"))}')
-    return m
-
-
-def aggregate(dicts, fn):
-    """fn (mean or sd, NaN ignored) over the same number in each metrics dict; text is kept as it is."""
-    first = dicts[0]
-    if isinstance(first, dict):
-        return {k: aggregate([d[k] for d in dicts], fn) for k in first}
-    if isinstance(first, list) and first and not isinstance(first[0], str):
-        return [aggregate([d[i] for d in dicts], fn) for i in range(len(first))]
-    if isinstance(first, (int, float)) and not isinstance(first, bool):
-        values = np.array([v for v in dicts if v is not None and not math.isnan(v)], dtype=float)
-        return float(fn(values)) if len(values) else float('nan')
-    return first
-
-
-def cv(cfg):
-    """Grouped, stratified k-fold cross-validation: each fold's head is trained exactly as `train` trains
-    (inner patient-grouped split for the best epoch and the threshold) and scored on its unseen fold."""
-    memo = load_memo(cfg.cache)
-    if os.path.isdir(os.path.join(cfg.data, 'train')):
-        classes, photos = read_photos(os.path.join(cfg.data, 'train'), memo=memo)
-        if os.path.isdir(os.path.join(cfg.data, 'val')):
-            photos += read_photos(os.path.join(cfg.data, 'val'), classes, memo)[1]
-        what = f'{cfg.data}/train + val (test/ left untouched)'
-    else:
-        classes, photos = read_photos(cfg.data, memo=memo)
-        what = cfg.data
-    if len(classes) < 2:
-        raise UserError(f'{cfg.data} has only one class folder; a classifier needs at least two. {LAYOUT_HELP}')
-    spec = resolve_weights(cfg.arch, cfg.weights, cfg.seed, memo)
-    if is_main():
-        save_memo(cfg.cache, memo)
-    positive = positive_index(classes, cfg.positive_class)
-    extractor = Extractor(cfg, classes, spec)
-    t0 = time.time()
-    train_all, bad = photo_features(extractor, photos, [f'train{k}' for k in range(cfg.views)])
-    eval_all, _ = photo_features(extractor, train_all.photos, [EVAL_VIEW])
-    report_skipped(bad)
-    photos = train_all.photos
-    folds = grouped_folds(photos, cfg.folds, cfg.seed)
-    pos = {p.path: i for i, p in enumerate(photos)}
-    if cfg.unfreeze:
-        model = extractor._model or pretrained_model(cfg, spec, len(classes))
-        model.cpu()
-        base = {k: v.clone() for k, v in model.state_dict().items()}
-    say(f'cv: {what}, {len(photos)} photos, {cfg.folds} folds by patient (seed {cfg.seed}); {cfg.arch}, '
-        f'weights {spec.name}, features in {time.time() - t0:.1f}s')
-    results, labels, probs, preds = [], [], [], []
-    for k in range(cfg.folds):
-        t_fold = time.time()
-        test_idx = [i for i, f in enumerate(folds) if f == k]
-        rest = [i for i, f in enumerate(folds) if f != k]
-        inner_train, inner_val = grouped_split([photos[i] for i in rest], cfg.val_fraction, cfg.seed)
-        tr, va = [pos[p.path] for p in inner_train], [pos[p.path] for p in inner_val]
-        if cfg.unfreeze:  # a fresh copy of the pretrained model per fold
-            model.load_state_dict(base)
-            freeze(model)
-        else:  # the frozen backbone's features are all a head needs
-            model = new_head(train_all.x.shape[-1], len(classes), cfg.seed)
-        run = Run(cfg, model, None, None, positive)
-        with quiet():
-            best = fit(model, train_all.subset(tr), eval_all.subset(va), classes, positive, cfg, run)
-            if cfg.unfreeze:
-                p = photo_logits(model, [photos[i] for i in test_idx], extractor.device, extractor.precision)
-            else:
-                p = model(eval_all.x[test_idx, 0].float())
-            p = p.detach().softmax(1).tolist()
-        y = eval_all.y[test_idx].tolist()
-        m = metrics(y, p, classes, positive, best['threshold'])
-        m.update(fold=k + 1, train=len(tr), val=len(va), test=len(test_idx), epoch=best['epoch'],
-                 stage=best['stage'], seconds=time.time() - t_fold)
-        say(f'fold {k + 1}/{cfg.folds}: balanced accuracy {m["balanced_accuracy"]:.3f} ({best["stage"]} epoch '
-            f'{best["epoch"]}, {time.time() - t_fold:.0f}s)')
-        results.append(m)
-        labels += y
-        probs += p
-        preds += decide(p, positive, best['threshold'])
-    mean, sd = aggregate(results, np.mean), aggregate(results, lambda v: np.std(v, ddof=1) if len(v) > 1 else 0.0)
-    pooled = metrics(labels, probs, classes, positive, None, preds)  # out of fold, each at its own threshold
-    report = {'folds': results, 'mean': mean, 'std': sd, 'pooled': pooled, 'data': what, 'arch': cfg.arch,
-              'weights': spec.name, 'seed': cfg.seed, 'config': vars(cfg)}
-    if cfg.json:
-        if is_main():
-            print(json.dumps(json_ready(report)))
-    else:
-        print_cv(report, classes, positive)
-    if not cfg.no_plot and is_main():
-        out = os.path.join(cfg.out, 'cv')
-        title = f'{cfg.folds}-fold cross-validation, pooled ({len(labels)} photos)'
-        say(f'plot: {plot_confusion(pooled["confusion_matrix"], classes, os.path.join(out, "confusion.png"), title)}')
-        if positive is not None:
-            roc = plot_roc([y == positive for y in labels], [q[positive] for q in probs],
-                           os.path.join(out, 'roc.png'), title, classes[positive])
-            say(f'plot: {roc}')
-    return report
-
-
-def print_cv(report, classes, positive):
-    f = lambda x: 'n/a' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{x:.3f}'  # noqa: E731
-    keys = ['accuracy', 'balanced_accuracy'] + (['sensitivity', 'specificity', 'auc'] if positive is not None else [])
-    names = {'accuracy': 'accuracy', 'balanced_accuracy': 'balanced', 'sensitivity': 'sensitivity',
-             'specificity': 'specificity', 'auc': 'ROC AUC'}
-    say('fold  train  val  test  epoch' + ''.join(f'{names[k]:>16}' for k in keys) + '  threshold')
-    for m in report['folds']:
-        say(f'{m["fold"]:4d}  {m["train"]:5d}  {m["val"]:3d}  {m["test"]:4d}  {m["epoch"]:5d}'
-            + ''.join(f'{f(m[k]):>16}' for k in keys) + f'  {m["threshold"]:9.2f}')
-    say('mean ± sd' + ' ' * 20 + ''.join(f'{f(report["mean"][k]) + " ± " + f(report["std"][k]):>16}' for k in keys))
-    p = report['pooled']
-    if positive is not None:
-        ci = lambda c: f'(95% CI {c[0]:.2f}-{c[1]:.2f})'  # noqa: E731
-        say(f'pooled out-of-fold ({p["n"]} photos, {classes[positive]} screened): sensitivity {f(p["sensitivity"])} '
-            f'{ci(p["sensitivity_ci"])}, specificity {f(p["specificity"])} {ci(p["specificity_ci"])}, '
-            f'ROC AUC {f(p["auc"])}')
-    say(NOT_A_DIAGNOSIS)
+        print(f'warning: {message}', file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
 def quiet():
     """Silence the per-epoch lines (cv trains many heads and prints one table)."""
-    saved = say.muted
-    say.muted = True
+    saved, say.muted = say.muted, True
     try:
         yield
     finally:
         say.muted = saved
 
 
-# ------------------------------------------------------------------------------------------------
-# Predict
-
-def collect_images(paths):
-    """Image files named on the command line or found (recursively) in named folders, and [path, problem]
-    for each path that gave none."""
-    files, problems = [], []
-    for p in paths:
-        if os.path.isdir(p):
-            found = sorted(os.path.join(d, f) for d, dirs, fs in os.walk(p) for f in fs if is_image_file(f)
-                           and not any(is_hidden(part) for part in Path(os.path.relpath(d, p)).parts))
-            if not found:
-                problems.append([p, f'{p}: folder holds no images ({", ".join(IMAGE_EXTENSIONS[:5])}, ...)'])
-            files += found
-        elif os.path.isfile(p):
-            files.append(p)
-        else:
-            problems.append([p, f'{p}: no such file or folder'])
-    return files, problems
+def sha256_file(path, memo=None):
+    """sha256 of a file's bytes; `memo` (dict) skips re-reading files whose size and mtime are unchanged."""
+    st = os.stat(path)
+    stamp, key = [st.st_size, st.st_mtime_ns], os.path.abspath(path)
+    if memo is not None and memo.get(key, [None])[:2] == stamp:
+        return memo[key][2]
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    if memo is not None:
+        memo[key] = stamp + [h.hexdigest()]
+    return h.hexdigest()
 
 
-def predict(cfg):
-    """Classify photos: one line (or JSON object) per photo; unreadable ones are reported and skipped,
-    and the exit code is 2 only when nothing could be predicted."""
-    files, problems = collect_images(cfg.paths)
-    loaded = load_checkpoint(cfg.checkpoint) if files else None
-    results = []
-    if files:
-        device = resolve_device(cfg.device)
-        precision = scoring_precision(cfg.precision, loaded, device)
-        photos = [Photo(f, -1, '') for f in files]
-        probs, failures = predict_probs(loaded, photos, device, precision)
-        problems += failures
-        threshold = operating_threshold(cfg, loaded)
-        for i, f in enumerate(files):
-            if i in probs:
-                label = decide([probs[i]], loaded.positive, threshold)[0]
-                results.append({'path': f, 'label': loaded.classes[label], 'probability': probs[i][label],
-                                'probabilities': dict(zip(loaded.classes, probs[i]))})
-    for r in results:
-        if cfg.json and is_main():
-            print(json.dumps(r), flush=True)
-        elif not cfg.json:
-            say(f'{r["path"]}\t{r["label"]}\t{r["probability"]:.3f}')
-    for path, line in problems if is_main() else []:
-        if cfg.json:
-            print(json.dumps({'path': path, 'error': line}), flush=True)
-        print(f'error: {line}', file=sys.stderr, flush=True)
-    if not results:
-        raise UserError('nothing could be predicted' + (f' ({len(problems)} problems above)' if problems else ''))
-    if problems:
-        say(f'{len(results)} photos predicted, {len(problems)} could not be')
-    if not cfg.json:
-        say(NOT_A_DIAGNOSIS)
-    if not cfg.no_plot and is_main():
-        plot_predictions(results, loaded, cfg)
-    return results
+UMASK = os.umask(0o022)  # read it (the only way is to set it), then put it back
+os.umask(UMASK)
 
 
-# ------------------------------------------------------------------------------------------------
-# Plots
-
-def new_figure(figsize, rows=1, cols=1, window=False):
-    """A matplotlib figure and its axes grid: through pyplot only for a window; a file needs no GUI
-    backend, and skipping pyplot's import saves a fifth of a second on every run."""
-    if window:
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(rows, cols, figsize=figsize, squeeze=False)
-    else:
-        from matplotlib.figure import Figure
-        fig = Figure(figsize=figsize)
-        axes = fig.subplots(rows, cols, squeeze=False)
-    return fig, axes
-
-
-def has_display():
-    return sys.platform in ('darwin', 'win32') or bool(os.environ.get('DISPLAY') or os.environ.get('WAYLAND_DISPLAY'))
-
-
-def save_figure(fig, path):
-    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
-    return path
-
-
-def plot_predictions(results, loaded, cfg):
-    """The photos as a person sees them (not the normalised tensor), with the answer in the title; with
-    --explain, beside each the crop the model saw with its Grad-CAM heat map of the predicted class."""
-    shown = results[:16 if not cfg.explain else 4]
-    window = not cfg.plot and has_display()
-    path = cfg.plot or os.path.join(os.path.dirname(os.path.abspath(cfg.checkpoint)), 'prediction.png')
-    per = 2 if cfg.explain else 1
-    cols = min(4 // per, len(shown)) * per
-    rows = math.ceil(len(shown) * per / cols)
-    fig, axes = new_figure((4 * cols, 4.4 * rows), rows, cols, window)
-    for ax in axes.flat:
-        ax.axis('off')
-    for k, r in enumerate(shown):
-        ax = axes.flat[k * per]
-        ax.imshow(load_rgb(r['path']))
-        ax.set_title(f'{r["label"]} ({r["probability"]:.0%})\n{os.path.basename(r["path"])}', fontsize=10)
-        if cfg.explain:
-            crop, heat = grad_cam(loaded.model, r['path'], loaded.classes.index(r['label']),
-                                  preprocessing(loaded.ckpt))
-            ax = axes.flat[k * per + 1]
-            ax.imshow(crop)
-            ax.imshow(heat, cmap='jet', alpha=0.45, extent=(-0.5, crop.shape[1] - 0.5, crop.shape[0] - 0.5, -0.5))
-            ax.set_title(f'Grad-CAM: {r["label"]}\n(centre crop the model saw)', fontsize=10)
-    fig.text(0.5, 0.0, 'monkeypox.py: a research tool, not a diagnosis', ha='center', fontsize=8)
-    if window:
-        import matplotlib.pyplot as plt
-        plt.show()
-    else:
-        say(f'plot: {save_figure(fig, path)}')
-    return path
-
-
-def plot_curves(history, path):
-    """curves.png: training and validation loss and accuracy per epoch."""
-    fig, ((a, b),) = new_figure((10, 4), 1, 2)
-    x = list(range(1, len(history) + 1))
-    for ax, key, name in ((a, 'loss', 'cross-entropy loss'), (b, 'accuracy', 'accuracy')):
-        ax.plot(x, [r[f'train_{key}'] for r in history], 'o-', label='train')
-        ax.plot(x, [r[f'val_{key}'] for r in history], 's-', label='validation')
-        if key == 'accuracy':
-            ax.plot(x, [r['val_balanced_accuracy'] for r in history], '^--', label='validation, balanced')
-        stages = [r['stage'] for r in history]
-        if 'finetune' in stages:
-            ax.axvline(stages.index('finetune') + 0.5, color='grey', lw=0.8, ls=':')
-        ax.set_xlabel('epoch')
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_confusion(cm, classes, path, title):
-    """confusion.png: counts and row percentages, true class down, predicted class across."""
-    fig, ((ax,),) = new_figure((5.5, 4.5))
-    rows = np.array(cm, dtype=float)
-    share = rows / np.maximum(rows.sum(1, keepdims=True), 1)
-    ax.imshow(share, cmap='Blues', vmin=0, vmax=1)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, f'{int(rows[i, j])}\n{share[i, j]:.0%}', ha='center', va='center',
-                    color='white' if share[i, j] > 0.6 else 'black', fontsize=12)
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel('predicted')
-    ax.set_ylabel('true')
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_roc(y_pos, scores, path, title, positive_name, operating=None):
-    """roc.png: the ROC curve of the screened class, AUC in the legend, and the operating point of
-    `operating` (the metrics evaluate reports) marked."""
-    fig, ((ax,),) = new_figure((5, 5))
-    fpr, tpr, _ = roc_curve(y_pos, scores)
-    ax.plot(fpr, tpr, lw=2, label=f'ROC, AUC {roc_auc(y_pos, scores):.3f}')
-    ax.plot([0, 1], [0, 1], color='grey', lw=0.8, ls='--', label='chance')
-    if operating is not None:
-        ax.plot(1 - operating['specificity'], operating['sensitivity'], 'o', color='red', ms=9,
-                label=f'operating point, threshold {operating["threshold"]:.2f}')
-    ax.set_xlabel('1 - specificity (false positive rate)')
-    ax.set_ylabel(f'sensitivity for {positive_name}')
-    ax.set_title(title, fontsize=10)
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(loc='lower right')
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_sheet(rows, classes, path, most=24):
-    """sheet.png: photos with true and predicted class, mistakes framed in red, worst mistakes first."""
-    rows = sorted(rows, key=lambda r: (r['true'] == r['pred'], -r['probs'][r['pred']] if r['true'] != r['pred']
-                                       else r['probs'][r['pred']]))[:most]
-    cols = 6
-    nrows = max(1, math.ceil(len(rows) / cols))
-    fig, axes = new_figure((2.2 * cols, 2.6 * nrows), nrows, cols)
-    for ax in axes.flat:
-        ax.axis('off')
-    for ax, r in zip(axes.flat, rows):
-        ax.imshow(load_rgb(r['path'], draft=RESIZE))
-        wrong = r['true'] != r['pred']
-        ax.set_title(f'true {classes[r["true"]]}\npred {classes[r["pred"]]} {r["probs"][r["pred"]]:.0%}',
-                     fontsize=7, color='red' if wrong else 'black')
-        if wrong:
-            ax.axis('on')
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_edgecolor('red')
-                spine.set_linewidth(4)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def grad_cam(model, path, target, pre=None):
-    """Grad-CAM (Selvaraju et al. 2017) on the last convolutional stage, with torch hooks: the stage's
-    activations weighted by their mean gradient. The gradient is of the class's log-probability, not its
-    raw score, so evidence shared by all classes (image borders, skin) cancels and what tells this class
-    from the others remains. The map is the mean of the maps of the crop and its three flips, each
-    flipped back: stride-2 convolutions with padding 1 shift every feature cell about half a cell up and
-    left of where upsampling puts it, and the flips cancel that shift (their sum is the usual flip
-    averaging of CAMs in weakly supervised segmentation). Bicubic upsampling lets the maximum fall
-    between feature cells (bilinear pins it to a cell centre, 32 px apart). On red-disc photos the two
-    put the maximum inside the disc on 40/40 test photos, against 27/40 without them (tests/). Returns
-    (crop, heat): the centre crop the model saw and a [0, 1] map."""
-    layer = backbone_stages(model)[-1]
-    saved = {}
-
-    def hook(_, __, out):
-        saved['act'] = out
-        out.register_hook(lambda g: saved.__setitem__('grad', g))
-
-    img = load_rgb(path)
-    pre = pre or preprocessing()
-    crop = T.Compose([T.Resize(pre['resize']), T.CenterCrop(pre['image_size'])])(img)
-    x = T.Compose([T.ToTensor(), T.Normalize(pre['mean'], pre['std'])])(crop)[None].to(next(model.parameters()).device)
-    flips = [(), (3,), (2,), (2, 3)]
-    x = torch.cat([x.flip(dims) if dims else x for dims in flips])
-    x.requires_grad_(True)  # the backbone is frozen: this makes its activations carry gradients
-    handle = layer.register_forward_hook(hook)
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`: readers see
+    the old file or the new one, never half of one, and a failed or interrupted write leaves no trace."""
+    path = Path(path)
     try:
-        with torch.enable_grad():
-            model(x).log_softmax(1)[:, target].sum().backward()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    except OSError as e:
+        raise UserError(f'cannot write {path}: {e.strerror or e}; choose a writable folder (--out)') from e
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file what open() would have
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f'cannot write {path}: {e.strerror or e}; the previous file, if any, is unchanged. '
+                        'Free some disk space or choose another folder (--out)') from e
     finally:
-        handle.remove()
-    act, grad = saved['act'].detach(), saved['grad'].detach()
-    cams = F.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(1, keepdim=True))
-    cam = sum(cams[k:k + 1].flip(dims) if dims else cams[k:k + 1] for k, dims in enumerate(flips)) / len(flips)
-    cam = F.interpolate(cam, size=crop.size[::-1], mode='bicubic', align_corners=False)[0, 0]
-    cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-12)
-    return np.asarray(crop), cam.cpu().numpy()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
+def torch_save(obj, path):
+    """torch.save through atomic_write. Serialised in memory first: torch's zip writer reports a full
+    disk as an obscure RuntimeError, a plain file write reports it as the OSError it is."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+RANKS = argparse.Namespace(rank=0, world=1, local=0)  # where this process stands under torchrun (0 of 1 without)
+
+
+def is_main():
+    return RANKS.rank == 0
+
+
+def gather(obj):
+    """Every rank's `obj`, in rank order ([obj] in a single process)."""
+    if RANKS.world == 1:
+        return [obj]
+    out = [None] * RANKS.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def my_chunks(n, size):
+    """This rank's share of range(n) in fixed chunks: chunk k is [k*size, (k+1)*size) and rank r takes chunks
+    r, r+W, ...: every item is processed once, in a batch that is the same whatever the number of ranks."""
+    chunks = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+    return chunks[RANKS.rank::RANKS.world]
+
+
+def init_distributed(cfg):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs), pin this rank
+    to its local GPU, and let only rank 0 speak."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world <= 1:
+        return
+    if cfg.command == 'download':
+        raise UserError('download runs in one process: use python monkeypox.py download, not torchrun')
+    RANKS.rank, RANKS.world, RANKS.local = int(os.environ['RANK']), world, int(os.environ.get('LOCAL_RANK', '0'))
+    cuda = cfg.device != 'cpu' and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(RANKS.local)
+        cfg.device = f'cuda:{RANKS.local}'
+    dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+    say.muted = not is_main()
+
+
+def is_lost_peer(e):
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or any(w in text for w in ('gloo', 'nccl', 'connection', 'timed out',
+                                                                      'timeout', 'peer'))
+
+
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # `kill` stops a run as Ctrl-C does: what is done is saved, nothing is half-written
+
+
+@contextlib.contextmanager
+def process_state():
+    """What main() changes in its process, put back when it returns: the SIGTERM handler, the message
+    switches, the torchrun ranks and the global random generators (so that main can run many times in
+    one process, as the tests run it)."""
+    saved = (signal.getsignal(signal.SIGTERM), say.muted, say.to_stderr, dict(vars(RANKS)),
+             torch.random.get_rng_state(), random.getstate(), np.random.get_state())
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, saved[0])
+        say.muted, say.to_stderr = saved[1], saved[2]
+        vars(RANKS).update(saved[3])
+        torch.random.set_rng_state(saved[4])
+        random.setstate(saved[5])
+        np.random.set_state(saved[6])
+
+
+# ================================================================================================
+# CLI and main
 
 def checked(convert, ok, requirement, name):
     """An argparse type: `convert` the text, then refuse values that fail `ok`, saying what is needed."""
@@ -2193,126 +2228,149 @@ def checked(convert, ok, requirement, name):
 
 positive_int = checked(int, lambda v: v > 0, 'must be a positive integer', 'positive integer')
 non_negative_int = checked(int, lambda v: v >= 0, 'must be 0 or more', 'integer')
+worker_count = checked(int, lambda v: v >= -1, 'must be -1 (auto) or more', 'integer')
 positive_float = checked(float, lambda v: v > 0 and not math.isinf(v), 'must be a positive number', 'number')
 open_fraction = checked(float, lambda v: 0 < v < 1, 'must be between 0 and 1 (exclusive)', 'fraction')
 probability = checked(float, lambda v: 0 <= v <= 1, 'must be between 0 and 1', 'probability')
 fold_count = checked(int, lambda v: v >= 2, 'needs at least 2 folds', 'fold count')
+arch_name = checked(str, lambda v: v in torchvision.models.list_models(module=torchvision.models),
+                    'must be a torchvision classification model (resnet101, resnet18, mobilenet_v2, ...)', 'model')
+device_name = checked(str, lambda v: v in ('auto', 'cpu', 'cuda') or re.fullmatch(r'cuda:\d+', v),
+                      'choose auto, cpu, cuda or cuda:N', 'device')
 
 
-def arch_name(text):
-    if text not in torchvision.models.list_models(module=torchvision.models):
-        raise argparse.ArgumentTypeError(f'{text!r} is not a torchvision classification model '
-                                         '(e.g. resnet101, resnet50, resnet18, mobilenet_v2, efficientnet_b0)')
-    return text
+SETTING_FLAGS = {'IMAGE_PATH': 'data', 'SAVE_PATH': 'checkpoint', 'CACHE_DIR': 'cache'}  # else name.lower()
+SETTABLE = ('MODEL_PATH', 'TEST_FRACTION', 'IMAGE_SIZE', 'RESIZE', 'MEAN', 'STD', 'DIST_TIMEOUT', 'CHECKPOINT_SECONDS')
 
 
-def device_name(text):
-    if text not in ('auto', 'cpu', 'cuda') and not re.fullmatch(r'cuda:\d+', text):
-        raise argparse.ArgumentTypeError(f'{text!r}: choose auto, cpu or cuda')
-    return text
+def setting(name):
+    """The cfg entry of a setting: its flag's name (IMAGE_PATH is --data), else its name in lower case."""
+    return SETTING_FLAGS.get(name, name.lower())
 
 
 def build_parser():
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    """The parser of every command, its defaults the settings at the top of this file as they are now."""
+    d = {setting(name): globals()[name] for name in SETTINGS}
+
+    def flag(parser, name, kind, help, **kw):  # a flag whose default is the setting it is named after
+        dest = kw.setdefault('dest', name[2:].replace('-', '_'))
+        parser.add_argument(name, type=kind, default=kw.pop('default', d.get(dest)), help=help,
+                            metavar=kw.pop('metavar', METAVARS.get(kind, 'X')), **kw)
+
     general = argparse.ArgumentParser(add_help=False)  # every command, download included
     general.add_argument('--debug', action='store_true', help='show tracebacks (or set MONKEYPOX_DEBUG=1)')
     general.add_argument('--set', metavar='NAME=VALUE', action='append', default=[],
-                         help=f'override a constant without a flag of its own: {", ".join(SETTABLE)}')
-
+                         help=f'override a setting without a flag of its own: {", ".join(SETTABLE)}')
     common = argparse.ArgumentParser(add_help=False, parents=[general])  # every command that runs a model
-    common.add_argument('--device', metavar='DEV', type=device_name, default=DEVICE, help='auto, cpu, cuda or cuda:N')
-    common.add_argument('--precision', choices=('auto', 'fp32', 'bf16'), default=PRECISION,
+    flag(common, '--device', device_name, 'auto, cpu, cuda or cuda:N')
+    common.add_argument('--precision', choices=('auto', 'fp32', 'bf16'), default=d['precision'],
                         help='backbone arithmetic; auto = bf16 where the hardware is fast at it')
-    common.add_argument('--workers', metavar='N', type=non_negative_int, default=default_workers(), help='image decoding processes')
+    flag(common, '--workers', worker_count, 'image decoding processes (-1: auto)')
+    flag(common, '--extract-batch-size', positive_int, 'crops per backbone pass')
 
     training = argparse.ArgumentParser(add_help=False)
-    training.add_argument('--data', metavar='DIR', default=IMAGE_PATH, help='class folders, or train/ + val/ folders')
-    training.add_argument('--epochs', metavar='N', type=positive_int, default=EPOCHS, help='head training epochs')
-    training.add_argument('--lr', metavar='X', type=positive_float, default=LR, help='Adam learning rate of the head')
-    training.add_argument('--batch-size', metavar='N', type=positive_int, default=BATCH_SIZE, help='photos per step')
-    training.add_argument('--arch', metavar='NAME', type=arch_name, default=ARCH, help='torchvision model name')
-    training.add_argument('--weights', metavar='W', default=WEIGHTS,
-                          help='auto, a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a file, or none')
-    training.add_argument('--seed', metavar='N', type=int, default=SEED, help='split, initialisation and shuffling')
-    training.add_argument('--val-fraction', metavar='F', type=open_fraction, default=VAL_FRACTION,
-                          help='validation share of a flat dataset, whole patients at a time')
-    training.add_argument('--crop-scale', metavar='F', type=open_fraction, default=CROP_SCALE,
-                          help='smallest share of the photo a training crop keeps')
-    training.add_argument('--views', metavar='K', type=positive_int, default=VIEWS, help='random training crops per photo')
-    training.add_argument('--extract-batch-size', metavar='N', type=positive_int, default=EXTRACT_BATCH_SIZE,
-                          help='crops per backbone pass')
-    training.add_argument('--out', metavar='DIR', default=os.path.dirname(SAVE_PATH) or '.',
-                          help='folder for checkpoint, class map, summary, curves and cache')
-    training.add_argument('--cache', metavar='DIR', default=CACHE_DIR, help='feature cache folder; empty means OUT/cache')
+    flag(training, '--data', str, 'class folders, or train/ + val/ folders')
+    flag(training, '--epochs', positive_int, 'head training epochs')
+    flag(training, '--lr', positive_float, 'Adam learning rate of the head')
+    flag(training, '--batch-size', positive_int, 'photos per step')
+    flag(training, '--arch', arch_name, 'torchvision model name')
+    flag(training, '--weights', str, 'auto, a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a file, or none',
+         metavar='W')
+    flag(training, '--seed', int, 'split, initialisation and shuffling')
+    flag(training, '--val-fraction', open_fraction, 'validation share of a flat dataset, whole patients at a time')
+    flag(training, '--crop-scale', open_fraction, 'smallest share of the photo a training crop keeps')
+    flag(training, '--views', positive_int, 'random training crops per photo')
+    flag(training, '--out', str, 'folder for checkpoint, class map, summary, curves and cache',
+         default=os.path.dirname(d['checkpoint']) or '.')
+    flag(training, '--cache', str, 'feature cache folder; empty means OUT/cache')
     training.add_argument('--no-cache', action='store_true', help='keep features in memory only')
-    training.add_argument('--positive-class', metavar='NAME', default=POSITIVE_CLASS, help='class screened for')
-    training.add_argument('--threshold', metavar='P', type=probability, default=THRESHOLD,
-                          help='P(positive class) at or above which a photo is called positive')
-    training.add_argument('--target-sensitivity', metavar='S', type=probability, default=TARGET_SENSITIVITY,
-                          help='if > 0: highest threshold reaching this validation sensitivity')
-    training.add_argument('--unfreeze', metavar='N', type=non_negative_int, default=UNFREEZE,
-                          help='also fine-tune the last N backbone stages after the head (0: frozen backbone)')
-    training.add_argument('--finetune-epochs', metavar='N', type=positive_int, default=FINETUNE_EPOCHS,
-                          help='epochs of fine-tuning with --unfreeze')
-    training.add_argument('--backbone-lr', metavar='X', type=positive_float, default=BACKBONE_LR,
-                          help='Adam learning rate of the unfrozen stages')
+    flag(training, '--positive-class', str, 'class screened for', metavar='NAME')
+    flag(training, '--threshold', probability, 'P(positive class) at or above which a photo is called positive')
+    flag(training, '--target-sensitivity', probability, 'if > 0: highest threshold reaching this validation sensitivity')
+    flag(training, '--unfreeze', non_negative_int, 'also fine-tune the last N backbone stages after the head')
+    flag(training, '--finetune-epochs', positive_int, 'epochs of fine-tuning with --unfreeze')
+    flag(training, '--backbone-lr', positive_float, 'Adam learning rate of the unfrozen stages')
     training.add_argument('--resume', action='store_true', help='continue an interrupted run in --out')
     training.add_argument('--no-plot', action='store_true', help='write no pictures')
 
     checkpoint = argparse.ArgumentParser(add_help=False)
-    checkpoint.add_argument('--checkpoint', metavar='FILE', default=SAVE_PATH, help='checkpoint written by train')
-    checkpoint.add_argument('--threshold', metavar='P', type=probability, default=None,
-                            help='override the checkpoint\'s operating threshold')
+    flag(checkpoint, '--checkpoint', str, 'checkpoint written by train', metavar='FILE')
+    flag(checkpoint, '--threshold', probability, 'override the checkpoint\'s operating threshold',
+         dest='override_threshold', default=None)
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument('--json', action='store_true', help='print JSON')
 
     parser = argparse.ArgumentParser(prog='monkeypox.py', description=__doc__.split('\n\n')[0] + ' ' +
                                      NOT_A_DIAGNOSIS, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog='With no command: train, then predict --test-image (the original '
                                      'script\'s flow); `python monkeypox.py run --help` lists its flags.')
     sub = parser.add_subparsers(dest='command', metavar='command')
-    p = sub.add_parser('run', parents=[training, common], formatter_class=fmt,
-                       help='train, then predict and show TEST_IMAGE (the default)')
-    p.add_argument('--test-image', metavar='FILE', default=TEST_IMAGE, help='photo predicted after training')
-    sub.add_parser('train', parents=[training, common], formatter_class=fmt, help='train a classifier')
-    p = sub.add_parser('evaluate', parents=[checkpoint, common], formatter_class=fmt,
-                       help='metrics on photos the model never saw')
-    p.add_argument('--data', metavar='DIR', default=IMAGE_PATH, help='dataset or folder of class folders to evaluate on')
+    parser.commands = {}
+
+    def command(name, parents, help):
+        parser.commands[name] = sub.add_parser(name, parents=parents, help=help,
+                                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        return parser.commands[name]
+    p = command('run', [training, common], 'train, then predict and show TEST_IMAGE (the default)')
+    flag(p, '--test-image', str, 'photo predicted after training', metavar='FILE')
+    command('train', [training, common], 'train a classifier')
+    p = command('evaluate', [checkpoint, common, output], 'metrics on photos the model never saw')
+    flag(p, '--data', str, 'dataset or folder of class folders to evaluate on')
     p.add_argument('--all', action='store_true', help='every photo of --data, even those trained on')
-    p.add_argument('--json', action='store_true', help='print one JSON object')
-    p.add_argument('--out', metavar='DIR', default='', help='folder for the pictures (default: the checkpoint\'s)')
+    flag(p, '--out', str, 'folder for the pictures (default: the checkpoint\'s)', default='')
     p.add_argument('--sheet', action='store_true', help='also write sheet.png: photos, mistakes first')
     p.add_argument('--no-plot', action='store_true', help='write no pictures (confusion.png, roc.png)')
-    p = sub.add_parser('predict', parents=[checkpoint, common], formatter_class=fmt, help='classify photos')
+    p = command('predict', [checkpoint, common, output], 'classify photos')
     p.add_argument('paths', nargs='+', metavar='PATH', help='image files or folders')
-    p.add_argument('--json', action='store_true', help='one JSON object per line')
     g = p.add_mutually_exclusive_group()
-    g.add_argument('--plot', metavar='FILE', default='', help='save the plot to FILE (PNG)')
+    flag(g, '--plot', str, 'save the plot to FILE (PNG)', default='', metavar='FILE')
     g.add_argument('--no-plot', action='store_true', help='no plot')
     p.add_argument('--explain', action='store_true', help='add a Grad-CAM heat map of the predicted class')
-    p = sub.add_parser('download', parents=[general], formatter_class=fmt,
-                       help='fetch the public MSLD photos (CC BY-NC)')
-    p.add_argument('--dest', metavar='DIR', default=IMAGE_PATH, help='folder to create (train/ val/ test/)')
-    p.add_argument('--url', default=ARCHIVE_URL, help='where the authors\' archive is (URL or file)')
+    p = command('download', [general], 'fetch the public MSLD photos (CC BY-NC)')
+    flag(p, '--dest', str, 'folder to create (train/ val/ test/)', default=d['data'])
+    flag(p, '--url', str, 'where the authors\' archive is (URL or file)', default=ARCHIVE_URL, metavar='URL')
     p.add_argument('--force', action='store_true', help='replace a non-empty --dest')
-    p.add_argument('--seed', metavar='N', type=int, default=SEED, help='the patient-grouped split')
-    p = sub.add_parser('cv', parents=[training, common], formatter_class=fmt,
-                       help='cross-validation by patient: the accuracy to quote')
-    p.add_argument('--folds', metavar='K', type=fold_count, default=FOLDS, help='folds, whole patients at a time')
-    p.add_argument('--json', action='store_true', help='print one JSON object')
-    return parser
+    flag(p, '--seed', int, 'the patient-grouped split')
+    p = command('cv', [training, common, output], 'cross-validation by patient: the accuracy to quote')
+    flag(p, '--folds', fold_count, 'folds, whole patients at a time')
+    return parser, d
 
 
-SETTABLE = ('MODEL_PATH', 'TEST_FRACTION', 'IMAGE_SIZE', 'RESIZE', 'MEAN', 'STD', 'DIST_TIMEOUT', 'CHECKPOINT_SECONDS')
+METAVARS = {str: 'DIR', int: 'N', positive_int: 'N', non_negative_int: 'N', worker_count: 'N', fold_count: 'K',
+            positive_float: 'X', open_fraction: 'F', probability: 'P', arch_name: 'NAME', device_name: 'DEV'}
 
 
-def apply_settings(pairs, parser):
-    """--set NAME=VALUE: the constants that have no flag, type-checked against their defaults (nanoGPT's
-    configurator, restricted to names listed in SETTABLE)."""
-    for pair in pairs:
+def parse_args(argv):
+    """The settings of one run: the flags given, over the settings at the top of this file. Every setting is
+    an entry of the result (`cfg`), also those this command has no flag for; --set writes there too."""
+    parser, defaults = build_parser()
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ('-h', '--help')):
+        argv = ['run'] + list(argv)  # `python monkeypox.py [flags]` is the original script's flow
+    cfg = parser.parse_args(argv)
+    for key, value in defaults.items():
+        if not hasattr(cfg, key):
+            setattr(cfg, key, value)
+    command_parser = parser.commands[cfg.command]
+    apply_settings(cfg, command_parser)
+    if getattr(cfg, 'device', 'cpu').startswith('cuda') and not torch.cuda.is_available():
+        command_parser.error(f'--device {cfg.device}: no CUDA GPU is available here; use --device cpu or auto')
+    if cfg.command in ('run', 'train', 'cv'):
+        cfg.cache = '' if cfg.no_cache else (cfg.cache or os.path.join(cfg.out, 'cache'))
+        cfg.checkpoint = os.path.join(cfg.out, os.path.basename(cfg.checkpoint))
+        if cfg.weights == 'auto':  # MODEL_PATH holds weights for ARCH: used for that architecture only
+            cfg.weights = cfg.model_path if cfg.arch == defaults['arch'] and os.path.isfile(cfg.model_path) else 'DEFAULT'
+    return cfg
+
+
+def apply_settings(cfg, parser):
+    """--set NAME=VALUE into cfg, for the settings that have no flag, type-checked against their defaults
+    (nanoGPT's configurator, restricted to the names in SETTABLE)."""
+    for pair in cfg.set:
         name, equals, text = pair.partition('=')
         if name not in SETTABLE or not equals:
             parser.error(f'--set {pair}: expected NAME=VALUE with NAME one of {", ".join(SETTABLE)}; '
-                         'the other constants have flags of their own')
-        current = globals()[name]
+                         'the other settings have flags of their own')
+        current = getattr(cfg, setting(name))
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -2323,57 +2381,7 @@ def apply_settings(pairs, parser):
             value = tuple(value)
         if type(value) is not type(current) or (isinstance(current, tuple) and len(value) != len(current)):
             parser.error(f'--set {name}={text}: must be like {current!r}')
-        globals()[name] = value
-
-
-def parse_args(argv):
-    parser = build_parser()
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ('-h', '--help')):
-        argv = ['run'] + list(argv)  # `python monkeypox.py [flags]` is the original script's flow
-    args = parser.parse_args(argv)
-    command_parser = parser._subparsers._group_actions[0].choices[args.command]
-    apply_settings(getattr(args, 'set', []), command_parser)
-    if getattr(args, 'device', 'cpu').startswith('cuda') and not torch.cuda.is_available():
-        command_parser.error(f'--device {args.device}: no CUDA GPU is available here; use --device cpu or auto')
-    if args.command in ('run', 'train', 'cv'):
-        args.cache = '' if args.no_cache else (args.cache or os.path.join(args.out, 'cache'))
-    return args
-
-
-def run_default(cfg):
-    """The original script's flow: train, then predict one photo and show it."""
-    checkpoint, split = train(cfg)
-    image = cfg.test_image
-    if not os.path.isfile(image):
-        if not split.val:
-            say(f'{image} does not exist and there are no validation photos to show instead')
-            return
-        image = split.val[0].path
-        say(f'{cfg.test_image} does not exist: predicting the held-out validation photo {image} instead')
-    args = argparse.Namespace(paths=[image], checkpoint=checkpoint, json=False, plot='', no_plot=cfg.no_plot,
-                              threshold=None, device=cfg.device, precision=cfg.precision, explain=False)
-    predict(args)
-
-
-def stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # `kill` stops a run as Ctrl-C does: what is done is saved, nothing is half-written
-
-
-def init_distributed(args):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs), pin this rank
-    to its local GPU, and let only rank 0 speak."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world <= 1:
-        return
-    if args.command == 'download':
-        raise UserError('download runs in one process: use python monkeypox.py download, not torchrun')
-    RANKS.rank, RANKS.world, RANKS.local = int(os.environ['RANK']), world, int(os.environ.get('LOCAL_RANK', '0'))
-    cuda = getattr(args, 'device', 'cpu') != 'cpu' and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(RANKS.local)
-        args.device = f'cuda:{RANKS.local}'
-    dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(seconds=DIST_TIMEOUT))
-    say.muted = not is_main()
+        setattr(cfg, setting(name), value)
 
 
 COMMANDS = {'run': run_default, 'train': train, 'evaluate': evaluate, 'predict': predict, 'cv': cv,
@@ -2381,44 +2389,34 @@ COMMANDS = {'run': run_default, 'train': train, 'evaluate': evaluate, 'predict':
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    debug = getattr(args, 'debug', False) or os.environ.get('MONKEYPOX_DEBUG') == '1'
-    say.to_stderr = getattr(args, 'json', False)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    who = ''
-    try:
-        init_distributed(args)
-        who = f' (rank {RANKS.rank})' if RANKS.world > 1 else ''
-        COMMANDS[args.command](args)
-    except UserError as e:
-        if debug:
-            traceback.print_exc()
-        print(f'monkeypox.py{who}: error: {e}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f'monkeypox.py{who}: stopped', file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `... | head` closed stdout: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except (dist.DistError, RuntimeError) as e:
-        if RANKS.world == 1 or not is_lost_peer(e):
-            raise
-        if debug:
-            traceback.print_exc()
-        print(f'monkeypox.py{who}: error: lost contact with the other ranks ({str(e).strip().splitlines()[0][:200]}); '
-              'one of them died or stalled: see its log. Files written so far are complete', file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    debug, who = cfg.debug or os.environ.get('MONKEYPOX_DEBUG') == '1', ''
+    with process_state():
+        say.to_stderr = getattr(cfg, 'json', False)
+        try:
+            init_distributed(cfg)
+            who = f' (rank {RANKS.rank})' if RANKS.world > 1 else ''
+            COMMANDS[cfg.command](cfg)
+        except UserError as e:
+            if debug:
+                traceback.print_exc()
+            print(f'monkeypox.py{who}: error: {e}', file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f'monkeypox.py{who}: stopped', file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `... | head` closed stdout: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        except (dist.DistError, RuntimeError) as e:
+            if RANKS.world == 1 or not is_lost_peer(e):
+                raise
+            if debug:
+                traceback.print_exc()
+            print(f'monkeypox.py{who}: error: lost contact with the other ranks ({str(e).strip().splitlines()[0][:200]}); '
+                  'one of them died or stalled: see its log. Files written so far are complete', file=sys.stderr)
+            return 1
     return 0
-
-
-def is_lost_peer(e):
-    text = str(e).lower()
-    return isinstance(e, dist.DistError) or any(w in text for w in ('gloo', 'nccl', 'connection', 'timed out',
-                                                                      'timeout', 'peer'))
 
 
 if __name__ == '__main__':

@@ -1,7 +1,9 @@
 """Shared fixtures: synthetic photos made at test time, the real MSLD photos and ImageNet weights from
-../shared when they are there, and a way to run the CLI as a user does."""
+../shared when they are there, and two ways to run the tool: `cli` calls main() in this process (most
+tests), `script` runs `python monkeypox.py` as a user does (signals, exit codes of the real script)."""
+import contextlib
+import io
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +16,26 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'monkeypox.py'
 SHARED = Path(os.environ.get('MONKEYPOX_SHARED') or REPO.parent / 'shared')
 MSLD = SHARED / 'data' / 'msld-v1'
+ARCHIVE = SHARED / 'data' / 'msld-v1-original-images.rar'
 MOBILENET_FILE = SHARED / 'weights' / 'mobilenet_v2-b0353104.pth'
 REQUIRE_SHARED = os.environ.get('MONKEYPOX_REQUIRE_SHARED') == '1'  # .ci/run sets it: real-data tests must run
+TINY = ('--arch', 'resnet18', '--weights', 'none', '--views', '1', '--no-plot')  # a quick, randomly initialised model
 
 sys.path.insert(0, str(REPO))
+import monkeypox as mp  # noqa: E402
 
 
-def draw_photo(rng, spot_colour, size=96, spots=3, radius=(6, 12), margin=0):
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: over a few seconds (real photos, subprocesses, torchrun); '
+                                       'the fast subset is -m "not slow"')
+
+
+# --- photos ----------------------------------------------------------------------------------------
+
+def draw_photo(rng, spot_colour, size=96, spots=3, radius=(6, 12), margin=0, noise=6):
     """A skin-toned square with a few coloured round spots, and the spots' (x, y, r)."""
     skin = np.array([224, 180, 150]) + rng.integers(-20, 20, 3)
-    a = np.clip(skin + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
+    a = np.clip(skin + rng.normal(0, noise, (size, size, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(a, 'RGB')
     d = ImageDraw.Draw(img)
     discs = []
@@ -55,17 +67,80 @@ def synthetic(tmp_path):
     return make_dataset(tmp_path / 'data')
 
 
+# --- running the tool ------------------------------------------------------------------------------
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def call_main(*args):
+    """main(ARGS) in this process, as the command line would run it: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = mp.main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    """Run the tool in this process: cli(*args, cwd=..., env={...}) -> Result. No display: plots go to files."""
+    def run(*args, cwd=None, env=None):
+        with monkeypatch.context() as m:
+            m.delenv('DISPLAY', raising=False)
+            m.delenv('WAYLAND_DISPLAY', raising=False)
+            for k, v in (env or {}).items():
+                m.setenv(k, str(v))
+            if cwd:
+                m.chdir(cwd)
+            return call_main(*args)
+    return run
+
+
+def script_env(env=None):
+    full = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
+    full.pop('DISPLAY', None)
+    full.pop('WAYLAND_DISPLAY', None)
+    return full
+
+
+def run_script(*args, cwd=None, env=None, timeout=600, **kwargs):
+    """Run `python monkeypox.py ARGS` in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd or REPO, env=script_env(env),
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture
+def script():
+    return run_script
+
+
 @pytest.fixture(scope='session')
-def synthetic_trained(tmp_path_factory):
-    """A resnet18 (random weights) trained on synthetic photos, shared by read-only tests."""
+def trained(tmp_path_factory):
+    """A resnet18 (random weights) trained on synthetic photos, shared by the tests that only read it."""
     root = tmp_path_factory.mktemp('trained')
     data = make_dataset(root / 'data', per_class=16)
-    out = root / 'chk'
-    r = run_cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '4',
-                '--out', out, '--views', '2')
+    r = call_main('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '4',
+                  '--views', '2', '--out', root / 'chk')
     assert r.returncode == 0, r.stderr
-    return data, out / 'monkeypox_model.pkl'
+    return data, root / 'chk' / 'monkeypox_model.pkl'
 
+
+def one_line_error(r, *words):
+    """The answer to bad input: exit code 2 and one 'error:' line naming what it must, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert 'Traceback' not in r.stderr, r.stderr
+    error = [line for line in r.stderr.splitlines() if 'error:' in line]
+    assert len(error) == 1, r.stderr
+    for w in words:
+        assert str(w) in error[0], (w, error[0])
+    return error[0]
+
+
+# --- the real photos and weights from ../shared ------------------------------------------------------
 
 def need_shared(path):
     if not Path(path).exists():
@@ -89,22 +164,3 @@ def torch_home(tmp_path_factory):
     (home / 'hub' / 'checkpoints').mkdir(parents=True)
     os.symlink(MOBILENET_FILE, home / 'hub' / 'checkpoints' / MOBILENET_FILE.name)
     return home
-
-
-def run_cli(*args, cwd=None, env=None, timeout=600, **kwargs):
-    """Run `python monkeypox.py ARGS` in a subprocess, as a user would."""
-    full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
-    full_env.pop('DISPLAY', None)
-    full_env.pop('WAYLAND_DISPLAY', None)
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd or REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
-
-
-@pytest.fixture
-def cli():
-    return run_cli
-
-
-def copy_script(dest):
-    shutil.copy(SCRIPT, dest)
-    return Path(dest) / SCRIPT.name

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 import monkeypox as mp
-from conftest import make_dataset
+from conftest import TINY, draw_photo, make_dataset
 
 
 # --- grouped folds ---------------------------------------------------------------------------------
@@ -103,10 +103,10 @@ def test_metrics_with_a_third_class_and_no_positive_class():
 def test_target_sensitivity_picks_the_highest_threshold_that_reaches_it_and_decisions_flip_there():
     y = [True, True, True, True, True, False, False, False]
     p = [0.95, 0.80, 0.60, 0.40, 0.30, 0.70, 0.35, 0.10]
-    assert mp.select_threshold(y, p, 0.6) == 0.60  # 3 of 5 positives at or above 0.60
-    assert mp.select_threshold(y, p, 0.61) == 0.40  # 4 of 5 needed
-    assert mp.select_threshold(y, p, 1.0) == 0.30
-    t = mp.select_threshold(y, p, 0.8)
+    assert mp.select_threshold(y, p, 0.6, 0.5) == 0.60  # 3 of 5 positives at or above 0.60
+    assert mp.select_threshold(y, p, 0.61, 0.5) == 0.40  # 4 of 5 needed
+    assert mp.select_threshold(y, p, 1.0, 0.5) == 0.30
+    t = mp.select_threshold(y, p, 0.8, 0.5)
     probs = two_class(p)
     assert mp.decide(two_class([t]), 0, t) == [0]  # at the threshold: positive
     assert mp.decide(two_class([t - 1e-6]), 0, t) == [1]  # just below: negative
@@ -114,18 +114,11 @@ def test_target_sensitivity_picks_the_highest_threshold_that_reaches_it_and_deci
     assert m['sensitivity'] == pytest.approx(0.8) and m['specificity'] == pytest.approx(2 / 3)
 
 
-def train_tiny(cli, data, out, *flags, epochs=3):
-    """A few head epochs of a randomly initialised ResNet18 on synthetic photos; asserts success."""
-    r = cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', str(epochs),
-            '--views', '1', '--out', out, *flags)
-    assert r.returncode == 0, r.stderr
-    return r
-
-
 def test_the_training_threshold_is_stored_and_used_by_predict_and_evaluate(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=10)
     out = tmp_path / 'chk'
-    train_tiny(cli, data, out, '--target-sensitivity', '1.0', '--no-plot')
+    assert cli('train', '--data', data, '--epochs', '3', '--out', out, '--target-sensitivity', '1.0',
+               *TINY).returncode == 0
     ckpt = __import__('torch').load(out / 'monkeypox_model.pkl', weights_only=True)
     m = json.loads(cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--json',
                        '--no-plot').stdout)
@@ -151,7 +144,7 @@ def assert_picture(path, size):
 def test_train_writes_curves_and_summary_and_evaluate_writes_confusion_roc_and_sheet(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=10)
     out = tmp_path / 'chk'
-    train_tiny(cli, data, out)
+    assert cli('train', '--data', data, '--epochs', '3', '--out', out, *TINY[:-1]).returncode == 0
     assert_picture(out / 'curves.png', (1000, 400))
     assert len((out / 'summary.csv').read_text().splitlines()) == 4
     r = cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--sheet', '--out', tmp_path / 'e')
@@ -167,7 +160,7 @@ def test_train_writes_curves_and_summary_and_evaluate_writes_confusion_roc_and_s
 def test_no_plot_writes_no_pictures(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=6)
     out = tmp_path / 'chk'
-    train_tiny(cli, data, out, '--no-plot', epochs=1)
+    assert cli('train', '--data', data, '--epochs', '1', '--out', out, *TINY).returncode == 0
     r = cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--no-plot')
     assert r.returncode == 0, r.stderr
     assert not list(out.glob('*.png'))
@@ -179,22 +172,17 @@ def disc_photo(rng, red_disc, size=256, margin=40):
     """Skin with three brown spots in both classes; the positive class alone has a red disc (radius
     26-34 px, 4-7% of the 224 px crop) at a random place. Returns the photo and the disc (x, y, r) in
     the coordinates of the centre crop the model sees, or None."""
-    skin = np.array([224, 180, 150]) + rng.integers(-20, 20, 3)
-    img = Image.fromarray(np.clip(skin + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(3):
-        r = int(rng.integers(10, 20))
-        x, y = rng.integers(r + margin, size - r - margin, 2)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=(150, 100, 70))
+    img, _ = draw_photo(rng, (150, 100, 70), size=size, radius=(10, 20), margin=margin, noise=8)
     if not red_disc:
         return img, None
     r = int(rng.integers(26, 34))
     x, y = (int(v) for v in rng.integers(r + margin, size - r - margin, 2))
-    draw.ellipse([x - r, y - r, x + r, y + r], fill=(200, 30, 40))
+    ImageDraw.Draw(img).ellipse([x - r, y - r, x + r, y + r], fill=(200, 30, 40))
     offset = (size - mp.IMAGE_SIZE) // 2  # Resize(256) keeps a 256 px photo; CenterCrop(224) cuts this
     return img, (x - offset, y - offset, r)
 
 
+@pytest.mark.slow
 def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tmp_path, torch_home, cli):
     rng = np.random.default_rng(0)
     for split, n in (('train', 40), ('val', 10)):
@@ -205,19 +193,19 @@ def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tm
     r = cli('train', '--data', tmp_path / 'd', '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1',
             '--out', tmp_path / 'chk', '--no-plot', '--no-cache', env={'TORCH_HOME': str(torch_home)})
     assert r.returncode == 0, r.stderr
-    loaded = mp.load_checkpoint(str(tmp_path / 'chk' / 'monkeypox_model.pkl'))
+    cfg = mp.parse_args(['predict', 'x', '--device', 'cpu', '--precision', 'fp32'])
+    loaded = mp.load_checkpoint(str(tmp_path / 'chk' / 'monkeypox_model.pkl'), cfg)
     photos = []
     for i in range(40):
         img, disc = disc_photo(rng, True)
         img.save(tmp_path / f'test{i}.jpg', quality=92)
         photos.append((str(tmp_path / f'test{i}.jpg'), disc))
-    probs, failures = mp.predict_probs(loaded, [mp.Photo(path, 0, '') for path, _ in photos],
-                                       mp.torch.device('cpu'), 'fp32')
+    probs, failures = mp.checkpoint_probabilities(loaded, [mp.Photo(path, 0, '') for path, _ in photos], cfg, 'test')
     assert not failures
     hits, misses = 0, []
     for i, (path, (x, y, radius)) in enumerate(photos):
         predicted = int(np.argmax(probs[i]))  # the class predict --explain shows
-        crop, heat = mp.grad_cam(loaded.model, path, predicted, mp.preprocessing(loaded.ckpt))
+        crop, heat = mp.grad_cam(loaded.model, path, predicted, loaded.pre)
         assert crop.shape[:2] == heat.shape == (224, 224) and heat.min() == 0 and heat.max() == pytest.approx(1)
         iy, ix = np.unravel_index(heat.argmax(), heat.shape)
         if math.hypot(ix - x, iy - y) <= radius:
@@ -231,7 +219,7 @@ def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tm
 def test_predict_explain_draws_the_photo_beside_its_grad_cam_for_resnets_too(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=6)
     out = tmp_path / 'chk'
-    train_tiny(cli, data, out, '--no-plot', epochs=1)
+    assert cli('train', '--data', data, '--epochs', '1', '--out', out, *TINY).returncode == 0
     photos = sorted((data / 'Monkey Pox').glob('*.jpg'))[:2]
     r = cli('predict', *photos, '--checkpoint', out / 'monkeypox_model.pkl', '--explain', '--plot',
             tmp_path / 'p.png')
@@ -266,6 +254,7 @@ def test_cv_reports_folds_mean_std_and_pooled_metrics_with_the_keys_of_evaluate(
     assert_picture(tmp_path / 'chk' / 'cv' / 'roc.png', (500, 500))
 
 
+@pytest.mark.slow
 def test_cv_on_real_photos_beats_chance_by_a_margin(msld, torch_home, tmp_path, cli):
     r = cli('cv', '--data', msld, '--folds', '5', '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1',
             '--out', tmp_path / 'chk', '--json', '--no-plot', env={'TORCH_HOME': str(torch_home)})

@@ -2,6 +2,7 @@
 rank fails the run instead of hanging."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,16 +13,16 @@ import pytest
 import torch
 
 import monkeypox as mp
-from conftest import SCRIPT, make_dataset, run_cli
+from conftest import SCRIPT, make_dataset, run_script, script_env
 
+pytestmark = pytest.mark.slow  # each test launches torchrun and its processes
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 TINY = ('--arch', 'resnet18', '--weights', 'none', '--no-plot')
 
 
 def torchrun(*args, timeout=600, **kwargs):
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
-    return subprocess.run([*TORCHRUN, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=timeout, **kwargs)
+    return subprocess.run([*TORCHRUN, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          env=script_env({'OMP_NUM_THREADS': '1'}), timeout=timeout, **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -31,7 +32,7 @@ def data(tmp_path_factory):
 
 def test_two_processes_train_exactly_the_same_frozen_head_as_one(data, tmp_path):
     args = ('train', '--data', data, '--epochs', '10', '--lr', '0.01', '--batch-size', '8', *TINY)
-    one = run_cli(*args, '--out', tmp_path / 'one')
+    one = run_script(*args, '--out', tmp_path / 'one')
     two = torchrun(*args, '--out', tmp_path / 'two')
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     assert two.stdout.count('head epoch') == 10  # only rank 0 speaks
@@ -48,7 +49,7 @@ def test_two_processes_train_exactly_the_same_frozen_head_as_one(data, tmp_path)
 
 def test_two_process_fine_tuning_matches_one_and_checkpoints_load_either_way(data, tmp_path):
     args = ('train', '--data', data, '--epochs', '2', '--unfreeze', '1', '--finetune-epochs', '2', *TINY)
-    one = run_cli(*args, '--out', tmp_path / 'one')
+    one = run_script(*args, '--out', tmp_path / 'one')
     two = torchrun(*args, '--out', tmp_path / 'two')
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     a = torch.load(tmp_path / 'one' / 'monkeypox_model.pkl', weights_only=True)
@@ -59,14 +60,14 @@ def test_two_process_fine_tuning_matches_one_and_checkpoints_load_either_way(dat
     for k in a['model']:
         assert torch.allclose(a['model'][k].float(), b['model'][k].float(), atol=2e-3), k
     photo = data / 'Others' / 'P0_1.jpg'
-    r = run_cli('predict', photo, '--checkpoint', tmp_path / 'two' / 'monkeypox_model.pkl', '--json', '--no-plot')
+    r = run_script('predict', photo, '--checkpoint', tmp_path / 'two' / 'monkeypox_model.pkl', '--json', '--no-plot')
     assert r.returncode == 0 and json.loads(r.stdout)['path'] == str(photo)
     r = torchrun('predict', photo, '--checkpoint', tmp_path / 'one' / 'monkeypox_model.pkl', '--json', '--no-plot')
     assert r.returncode == 0 and json.loads(r.stdout)['path'] == str(photo)
 
 
 def test_predict_on_a_folder_returns_each_photo_exactly_once(data, tmp_path):
-    run_cli('train', '--data', data, '--epochs', '1', '--out', tmp_path / 'chk', *TINY)
+    run_script('train', '--data', data, '--epochs', '1', '--out', tmp_path / 'chk', *TINY)
     r = torchrun('predict', data, '--checkpoint', tmp_path / 'chk' / 'monkeypox_model.pkl', '--json')
     assert r.returncode == 0, r.stderr
     paths = [json.loads(line)['path'] for line in r.stdout.splitlines()]
@@ -97,10 +98,10 @@ def rank_of(pid):
 @pytest.mark.skipif(not Path('/proc').is_dir(), reason='finds the ranks through /proc')
 def test_a_killed_rank_fails_the_run_with_a_message_instead_of_hanging(tmp_path):
     big = make_dataset(tmp_path / 'big', per_class=60)
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
     proc = subprocess.Popen([*TORCHRUN, str(SCRIPT), 'train', '--data', str(big), '--out', str(tmp_path / 'chk'),
                              '--arch', 'resnet50', '--weights', 'none', '--views', '8', '--no-plot'],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=script_env({'OMP_NUM_THREADS': '1'}))
     for line in proc.stdout:
         if line.startswith('model: resnet50'):
             break
@@ -112,5 +113,6 @@ def test_a_killed_rank_fails_the_run_with_a_message_instead_of_hanging(tmp_path)
     _, stderr = proc.communicate(timeout=180)
     assert time.time() - t < 120, 'the surviving rank hung'
     assert proc.returncode != 0
-    assert 'monkeypox.py (rank 0)' in stderr or 'exitcode' in stderr
-    assert 'Traceback' not in stderr.split('Root Cause')[0] or 'ChildFailedError' in stderr
+    # the surviving rank says in its own words why it stopped (not only torchrun's report of the dead one)
+    print(stderr[-3000:])
+    assert re.search(r'monkeypox\.py \(rank 0\): (error: lost contact with the other ranks|stopped)', stderr)

@@ -1,27 +1,26 @@
 """The feature cache: reused, invalidated by exactly what determines the features, never trusted when
 damaged; bf16 features agree with fp32 ones; cached and fresh features train the same head."""
-import argparse
+import json
 
 import pytest
 import torch
 import torchvision
 
 import monkeypox as mp
-from conftest import make_dataset
+from conftest import TINY, make_dataset
 
 
-def config(tmp_path, **over):
-    cfg = {'arch': 'resnet18', 'weights': 'none', 'seed': 0, 'device': 'cpu', 'precision': 'auto', 'workers': 0,
-           'extract_batch_size': 8, 'cache': str(tmp_path / 'cache'), 'crop_scale': None}
-    cfg.update(over)
-    return argparse.Namespace(**cfg)
+def config(tmp_path, *flags):
+    """train's settings for a resnet18 with random weights, its feature cache in tmp_path/cache."""
+    return mp.parse_args(['train', '--arch', 'resnet18', '--weights', 'none', '--device', 'cpu', '--workers', '0',
+                          '--extract-batch-size', '8', '--cache', str(tmp_path / 'cache'), *flags])
 
 
 def extract(cfg, photos, views=('eval', 'train0')):
-    spec = mp.resolve_weights(cfg.arch, cfg.weights, cfg.seed)
-    ex = mp.Extractor(cfg, ['Monkey Pox', 'Others'], spec)
-    x, failures = ex.features(photos, list(views))
-    return ex, x
+    ex = mp.Extractor(cfg, ['Monkey Pox', 'Others'], mp.resolve_weights(cfg))
+    features, failures = ex.features(photos, list(views))
+    assert not failures
+    return ex, features.x
 
 
 @pytest.fixture
@@ -42,22 +41,20 @@ def test_a_second_run_reads_the_cache_and_never_calls_the_backbone(tmp_path, pho
 def test_changing_what_determines_the_features_recomputes_them(tmp_path, photos, change):
     extract(config(tmp_path), photos)
     if change == 'weights':
-        state = torchvision.models.resnet18().state_dict()
-        torch.save(state, tmp_path / 'other.pth')
-        cfg = config(tmp_path, weights=str(tmp_path / 'other.pth'))
+        torch.save(torchvision.models.resnet18().state_dict(), tmp_path / 'other.pth')
+        cfg = config(tmp_path, '--weights', str(tmp_path / 'other.pth'))
     elif change == 'arch':
-        cfg = config(tmp_path, arch='resnet34')
+        cfg = config(tmp_path, '--arch', 'resnet34')
     else:
-        cfg = config(tmp_path, precision='fp32' if mp.resolve_precision('auto', torch.device('cpu')) == 'bf16'
+        cfg = config(tmp_path, '--precision', 'fp32' if mp.resolve_precision('auto', torch.device('cpu')) == 'bf16'
                      else 'bf16')
     again, _ = extract(cfg, photos)
     assert again.crops == 2 * len(photos)
 
 
-def test_changing_the_transform_recomputes(tmp_path, photos, monkeypatch):
+def test_changing_the_transform_recomputes(tmp_path, photos):
     extract(config(tmp_path), photos)
-    monkeypatch.setattr(mp, 'RESIZE', 288)  # as if the constant were edited
-    again, _ = extract(config(tmp_path), photos)
+    again, _ = extract(config(tmp_path, '--set', 'RESIZE=288'), photos)
     assert again.crops == 2 * len(photos)
 
 
@@ -112,15 +109,16 @@ def test_many_packs_are_merged_into_one_that_holds_every_row(tmp_path):
     assert len(list((tmp_path / 'key').glob('pack-*.pt'))) == 1
     reread = mp.FeatureCache(str(tmp_path), 'key', {})
     assert sorted(reread.rows) == sorted(f'photo{k}:eval' for k in range(10))
-    assert all(torch.equal(reread.get(f'photo{k}:eval'), torch.full((4,), float(k))) for k in range(10))
+    assert all(torch.equal(reread.rows[f'photo{k}:eval'], torch.full((4,), float(k))) for k in range(10))
 
 
+@pytest.mark.slow
 def test_bf16_features_agree_with_fp32_on_real_photos(msld, torch_home, tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(torch_home))
     photos = mp.read_photos(str(msld))[1][::8]
-    cfg = dict(arch='mobilenet_v2', weights='IMAGENET1K_V1')
-    _, fp32 = extract(config(tmp_path, precision='fp32', **cfg), photos, ['eval'])
-    _, bf16 = extract(config(tmp_path, precision='bf16', **cfg), photos, ['eval'])
+    real = ('--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1')
+    _, fp32 = extract(config(tmp_path, '--precision', 'fp32', *real), photos, ['eval'])
+    _, bf16 = extract(config(tmp_path, '--precision', 'bf16', *real), photos, ['eval'])
     cos = torch.nn.functional.cosine_similarity(fp32[:, 0].float(), bf16[:, 0].float(), dim=1)
     # measured on 29 MSLD photos: mean 0.996, worst photo 0.966 (bf16 keeps 8 bits of mantissa through
     # 50 layers); the head's accuracy does not move (README, Precision)
@@ -129,7 +127,7 @@ def test_bf16_features_agree_with_fp32_on_real_photos(msld, torch_home, tmp_path
 
 def test_cached_and_fresh_features_train_the_same_head(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=10)
-    args = ('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '4', '--no-plot')
+    args = ('train', '--data', data, '--epochs', '4', *TINY)
     heads, outputs = [], []
     for out, extra in (('cached', ()), ('cached', ()), ('nocache', ('--no-cache',))):
         r = cli(*args, '--out', tmp_path / out, *extra)
@@ -144,12 +142,12 @@ def test_fp32_and_bf16_runs_predict_what_they_validated(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=8)
     for precision in ('fp32', 'bf16'):
         out = tmp_path / precision
-        r = cli('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '3', '--batch-size',
-                '8', '--precision', precision, '--out', out, '--no-plot')
+        r = cli('train', '--data', data, '--epochs', '3', '--batch-size', '8', '--precision', precision, '--out', out,
+                *TINY)
         assert r.returncode == 0, r.stderr
         ckpt = torch.load(out / 'monkeypox_model.pkl', weights_only=True)
         assert ckpt['precision'] == precision
-        m = __import__('json').loads(cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl',
+        m = json.loads(cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl',
                                          '--json', '--no-plot').stdout)  # auto: the checkpoint's precision
         assert m['balanced_accuracy'] == pytest.approx(ckpt['metrics']['balanced_accuracy'])
 
