@@ -37,18 +37,18 @@ CACHE_DIR = ''              # --cache: feature cache folder ('' = OUT/cache); --
 # The model and its head
 ARCH = 'resnet101'          # --arch: any torchvision classification model (resnet18, resnet50, mobilenet_v2, ...)
 WEIGHTS = 'auto'            # --weights: 'auto' (MODEL_PATH if present, else DEFAULT), a torchvision name, a file, or 'none'
-VIEWS = 2                   # --views: random training crops (RandomResizedCrop + flip) stored per photo; an epoch draws one
+VIEWS = 2                   # --views: random training crops (RandomResizedCrop + flip) stored per photo; all train the head
 CROP_SCALE = 0.08           # --crop-scale: smallest share of a photo's area a RandomResizedCrop keeps
-EPOCHS = 10                 # --epochs: passes of the head over the training photos
-LR = 0.001                  # --lr: Adam learning rate of the new head
-BATCH_SIZE = 32             # --batch-size: photos per head training step
-SEED = 0                    # --seed: validation split, head initialisation, shuffling
-VAL_FRACTION = 0.2          # --val-fraction: share of a flat dataset held out, whole patients at a time
+WEIGHT_DECAY = 'auto'       # --weight-decay: L2 penalty of the head on standardised features; 'auto': chosen by inner cv
+SEED = 0                    # --seed: validation split, fine-tuning's shuffling, random weights of --weights none
+VAL_FRACTION = 0.2          # --val-fraction: share of a flat dataset held out for the report, whole patients at a time
 
-# Fine-tuning
+# Fine-tuning (the frozen head is fit to convergence; these shape the stages that --unfreeze trains)
 UNFREEZE = 0                # --unfreeze: last backbone stages fine-tuned after the head (0 = frozen backbone)
-FINETUNE_EPOCHS = 15        # --finetune-epochs: epochs of fine-tuning when UNFREEZE > 0
-BACKBONE_LR = 0.0001        # --backbone-lr: learning rate of the unfrozen stages (the head keeps LR)
+EPOCHS = 15                 # --epochs: epochs of fine-tuning
+LR = 0.001                  # --lr: Adam learning rate of the head while fine-tuning
+BATCH_SIZE = 32             # --batch-size: photos per fine-tuning step
+BACKBONE_LR = 0.0001        # --backbone-lr: Adam learning rate of the unfrozen stages
 
 # Evaluation
 POSITIVE_CLASS = 'auto'     # --positive-class: class screened for ('auto': the one named like mpox / monkey pox)
@@ -153,6 +153,7 @@ def train(cfg):
     model.cpu()
     run = Run(cfg, model, prep.train, prep.val, prep.split.classes, prep.positive,
               meta=checkpoint_meta(cfg, prep), checkpoint=cfg.checkpoint)
+    run.cache_dir = prep.extractor.cache.dir
     if cfg.resume:
         run.restore(read_resume(cfg, run.meta))
     try:
@@ -163,12 +164,13 @@ def train(cfg):
         raise
     best = run.best
     if not len(prep.val.y):
-        warn('no validation photos: the checkpoint is the last epoch and no accuracy can be claimed')
-    say(f'saved {run.checkpoint} (best epoch {best["epoch"]}'
+        warn('no validation photos: every photo trained the model and this run can claim no accuracy; claim it '
+             'from `python monkeypox.py cv`')
+    say(f'saved {run.checkpoint} ({best["stage"]}' + (f' epoch {best["epoch"]}' if best['stage'] != 'head' else '')
         + (f', val balanced accuracy {best["metrics"]["balanced_accuracy"]:.3f}' if len(prep.val.y) else '')
         + f', threshold {best["threshold"]:.2f})')
     if not cfg.no_plot and is_main():
-        say(f'plot: {plot_curves(run.history, os.path.join(cfg.out, "curves.png"))}')
+        say(f'plot: {plot_curves(run.history, run.head, os.path.join(cfg.out, "curves.png"))}')
     return run.checkpoint, prep.split
 
 
@@ -181,7 +183,7 @@ def cv(cfg):
     folds = grouped_folds(photos, cfg.folds, cfg.seed)
     if cfg.unfreeze:  # every fold fine-tunes its own copy of the pretrained model
         pretrained = {k: v.clone() for k, v in prep.extractor.model().cpu().state_dict().items()}
-    results, labels, probs, preds = [], [], [], []
+    results, labels, probs, preds, untempered = [], [], [], [], []
     for k in range(cfg.folds):
         t0 = time.time()
         test = [i for i, f in enumerate(folds) if f == k]
@@ -196,18 +198,24 @@ def cv(cfg):
         else:  # the frozen backbone's features are all a head needs
             model = new_head(prep.train.x.shape[-1], len(classes), cfg.seed)
         run = Run(cfg, model, prep.train.subset(tr), prep.val.subset(va), classes, positive)
+        run.cache_dir = prep.extractor.cache.dir
         with quiet():
             best = fit(run)
             p = run.probabilities(prep.val.subset(test))
+            untempered += run.probabilities(prep.val.subset(test), run.head['temperature'])
         y = prep.val.y[test].tolist()
         m = metrics(y, p, classes, positive, best['threshold'])
+        del m['bins']  # a fold's reliability bins: the pooled ones are drawn
         m.update(fold=k + 1, train=len(tr), val=len(va), test=len(test), epoch=best['epoch'], stage=best['stage'],
-                 seconds=time.time() - t0)
-        say(f'fold {k + 1}/{cfg.folds}: balanced accuracy {m["balanced_accuracy"]:.3f} ({best["stage"]} epoch '
-            f'{best["epoch"]}, {time.time() - t0:.0f}s)')
+                 weight_decay=run.head['weight_decay'], seconds=time.time() - t0)
+        say(f'fold {k + 1}/{cfg.folds}: balanced accuracy {m["balanced_accuracy"]:.3f} (weight decay '
+            f'{run.head["weight_decay"]:g}, {best["stage"]} epoch {best["epoch"]}, {time.time() - t0:.0f}s)')
         results.append(m)
         labels, probs, preds = labels + y, probs + p, preds + decide(p, positive, best['threshold'])
     pooled = metrics(labels, probs, classes, positive, None, preds)  # out of fold, each at its own threshold
+    if positive is not None:  # what each fold's temperature did to its calibration
+        pooled['untempered'] = calibration([y == positive for y in labels], [q[positive] for q in untempered])
+        del pooled['untempered']['bins']
     result = {'folds': results, 'mean': aggregate(results, 'mean'), 'std': aggregate(results, 'sd'),
               'pooled': pooled, 'data': prep.what, 'arch': cfg.arch, 'weights': prep.spec.name, 'seed': cfg.seed,
               'config': vars(cfg)}
@@ -365,6 +373,7 @@ def report(cfg, result, m, labels, probs, out, title, print_text):
         path = plot_roc([y == positive for y in labels], [q[positive] for q in probs], os.path.join(out, 'roc.png'),
                         title, classes[positive], m if m['threshold'] is not None else None)
         say(f'plot: {path}')
+        say(f'plot: {plot_calibration(m, os.path.join(out, "calibration.png"), title)}')
 
 
 # ================================================================================================
@@ -398,8 +407,9 @@ def read_dataset(root, memo=None, classes=None, parts=('train', 'val')):
     folders (part 'all'). With `classes` (a model's), every class folder must be one of them."""
     found = {}
     for part in parts if os.path.isdir(os.path.join(root, 'train')) else ['']:
-        if not part or os.path.isdir(os.path.join(root, part)):
-            classes, found[part or 'all'] = read_photos(os.path.join(root, part), classes, memo)
+        folder = os.path.join(root, part) if part else root
+        if not part or os.path.isdir(folder):
+            classes, found[part or 'all'] = read_photos(folder, classes, memo)
     if len(classes or []) < 2:
         raise UserError(f'{root} has only one class folder ({classes[0]!r}); a classifier needs at least two. '
                         f'{LAYOUT_HELP}')
@@ -427,6 +437,9 @@ def evaluation_photos(loaded, cfg):
     rel = {os.path.relpath(p.path, data): p for p in photos}
     trained = set(split.get('train', [])) | set(split.get('val', []))
     if split.get('how') == 'grouped' and trained and trained <= set(rel) and not cfg.all:
+        if not split['val']:
+            raise UserError(f'{cfg.checkpoint} was trained on every photo of {data} (--val-fraction 0): none is left '
+                            'to evaluate on. Pass --all (its training photos: an optimistic score), or run `cv`')
         val = [rel[r] for r in split['val']]
         return val, (f'{data}: the {len(val)} validation photos of the checkpoint\'s split (seed {split["seed"]}); '
                      '--all for every photo')
@@ -1240,6 +1253,7 @@ class Run:
     def __init__(self, cfg, model, train, val, classes, positive, meta=None, checkpoint=None):
         self.cfg, self.model, self.train, self.val = cfg, model, train, val
         self.classes, self.positive, self.meta, self.resume = classes, positive, meta, None
+        self.head, self.cache_dir = {}, None  # the head's fit (fit_head); where its search is kept
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.history, self.best, self.best_written = [], None, None
@@ -1247,8 +1261,9 @@ class Run:
         # only rank 0 writes files; every rank keeps the same history and best (their numbers are equal)
         self.checkpoint = checkpoint if checkpoint and is_main() else None
 
-    def end_epoch(self, stage, epoch, epochs, train_stats, val, optimizer, rng, seconds):
-        """Record an epoch, print its line, keep it if it is the best, and save what a resume needs."""
+    def end_epoch(self, stage, epoch, epochs, train_stats, val, optimizer, seconds, threshold=None):
+        """Record an epoch, print its line, keep it if it is the best, and save what a resume needs.
+        `threshold`: the one to carry when there are no validation photos to choose it on."""
         row = {'stage': stage, 'epoch': epoch, 'train_loss': train_stats['loss'], 'train_accuracy':
                train_stats['accuracy'], 'val_loss': val['metrics']['loss'] if val else float('nan'),
                'val_accuracy': val['metrics']['accuracy'] if val else float('nan'),
@@ -1261,7 +1276,7 @@ class Run:
             self.best = {'stage': stage, 'epoch': epoch, 'state': trainable_state(self.model),
                          'score': [val['metrics']['balanced_accuracy'], -val['metrics']['loss']] if val else [],
                          'metrics': val['operating'] if val else {},
-                         'threshold': val['threshold'] if val else self.cfg.threshold}
+                         'threshold': val['threshold'] if val else threshold or self.cfg.threshold}
         v = (f' | val loss {row["val_loss"]:.3f} acc {row["val_accuracy"]:.3f} bal {row["val_balanced_accuracy"]:.3f}'
              if val else '')
         say(f'{stage} epoch {epoch:3d}/{epochs} | train loss {row["train_loss"]:.3f} acc {row["train_accuracy"]:.3f}'
@@ -1270,20 +1285,23 @@ class Run:
             if self.best is not self.best_written and time.time() - self.last_write >= self.cfg.checkpoint_seconds:
                 self.write_best()
             torch_save({'format': 'monkeypox.py resume', 'fingerprint': self.meta['fingerprint'], 'stage': stage,
-                        'epoch': epoch, 'trainable': trainable_state(self.model), 'optimizer': optimizer.state_dict(),
-                        'rng': rng.get_state() if rng is not None else None, 'history': self.history,
+                        'epoch': epoch, 'trainable': trainable_state(self.model), 'history': self.history,
+                        'optimizer': optimizer.state_dict() if optimizer else None, 'head': self.head,
                         'best': dict(self.best)}, os.path.join(self.cfg.out, RESUME_NAME))
 
     def restore(self, resume):
         self.resume, self.history, self.best, self.best_written = resume, resume['history'], resume['best'], None
+        self.head = resume['head']
 
-    def probabilities(self, f):
+    def probabilities(self, f, temperature=1.0):
         """Class probabilities of the photos of `f` from their evaluation view: the head on the stored
-        features while the backbone is frozen, the whole model on the photos once it was fine-tuned."""
+        features while the backbone is frozen, the whole model on the photos once it was fine-tuned.
+        (`temperature` multiplies the logits: the head's own temperature undoes its scaling.)"""
         if self.cfg.unfreeze:
             return photo_logits(self, f.photos).softmax(1).tolist()
         with torch.no_grad():
-            return self.model.get_submodule(head_name(self.model))(f.x[:, 0].float()).softmax(1).tolist()
+            logits = self.model.get_submodule(head_name(self.model))(f.x[:, 0].float())
+        return (logits * temperature).softmax(1).tolist()
 
     def write_best(self, final=False):
         # the final write always happens: the checkpoint's history must be the whole run's, not the
@@ -1294,7 +1312,8 @@ class Run:
         state.update(self.best['state'])
         b = self.best
         ckpt = {**self.meta, 'model': {k: v.detach().cpu() for k, v in state.items()}, 'epoch': b['epoch'],
-                'stage': b['stage'], 'threshold': b['threshold'], 'metrics': b['metrics'], 'history': self.history}
+                'stage': b['stage'], 'threshold': b['threshold'], 'metrics': b['metrics'], 'history': self.history,
+                'head': {k: v for k, v in self.head.items() if k != 'scale'}}
         torch_save(ckpt, self.checkpoint)
         write_class_map(ckpt['classes'], os.path.join(os.path.dirname(self.checkpoint), CLASS_MAP_NAME))
         self.best_written, self.last_write = self.best, time.time()
@@ -1329,44 +1348,210 @@ def fit(run):
 
 
 def fit_head(run):
-    """Adam + cross-entropy on the stored features; the best epoch goes to `run`."""
-    cfg, resume = run.cfg, run.resume
+    """The new head, fit to convergence on every training photo's stored views: the mean cross-entropy plus
+    lambda/2 |W|^2 (bias free) on features standardised over those views, lambda being --weight-decay or,
+    with 'auto', the choice of grouped inner cross-validation (search_weight_decay). Its logits are then
+    divided by the temperature that best fits the inner folds' out-of-fold predictions (frozen backbone only:
+    fine-tuning moves the model those predictions measured). Standardisation and temperature are folded into
+    the saved Linear, so the checkpoint stays a plain torchvision state_dict and predict needs nothing more.
+    Validation photos serve the report and the threshold, never the fit."""
+    cfg, t0 = run.cfg, time.time()
+    x, y = run.train.x.flatten(0, 1).double(), run.train.y.repeat_interleave(run.train.x.shape[1])
+    auto, tune = cfg.weight_decay == 'auto', not len(run.val.y) and cfg.target_sensitivity > 0
+    search = search_weight_decay(run, HEAD_GRID if auto else (float(cfg.weight_decay),))
+    if search is None and (auto or tune):
+        raise UserError(('--weight-decay auto' if auto else '--target-sensitivity without validation photos') +
+                        ' needs two patients of every class or more among the training photos (inner folds by '
+                        'patient); add photos' + (', or pass --weight-decay NUMBER (e.g. 1)' if auto else ''))
+    lam = search['choice'] if search else float(cfg.weight_decay)
+    oof = torch.tensor(search['oof_logits'], dtype=torch.float64) if search else None
+    space = RowSpace(x)
+    weight, bias = space.linear(newton_softmax(space.a, y, len(run.classes), lam))
+    temperature = 1.0 if cfg.unfreeze or search is None else fit_temperature(oof.flatten(0, 1), y)
     head = run.model.get_submodule(head_name(run.model))
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    rng = torch.Generator().manual_seed(cfg.seed)
-    start = 1
-    if resume and resume['stage'] == 'head':
-        head.load_state_dict({k.split('.')[-1]: v for k, v in resume['trainable'].items()})
-        optimizer.load_state_dict(resume['optimizer'])
-        rng.set_state(resume['rng'])
-        start = resume['epoch'] + 1
-    val_x, val_y = run.val.x[:, 0], run.val.y
-    for epoch in range(start, cfg.epochs + 1):
-        t0 = time.time()
-        stats = head_epoch(head, run.train.x, run.train.y, run.train.x.shape[1], cfg, optimizer, rng)
-        val = validate(lambda: head(val_x.float()), val_y, run.classes, run.positive, cfg) if len(val_y) else None
-        run.end_epoch('head', epoch, cfg.epochs, stats, val, optimizer, rng, time.time() - t0)
+    with torch.no_grad():
+        head.weight.copy_(weight / temperature)
+        head.bias.copy_(bias / temperature)
+        logits = head(x.float())
+    run.head = {'weight_decay': lam, 'auto': auto, 'scale': space.std.float(), 'temperature': temperature,
+                'search': {k: v for k, v in search.items() if k != 'oof_logits'} if auto else None}
+    threshold = cfg.threshold
+    if search and run.positive is not None:
+        truth = [v == run.positive for v in run.train.y.tolist()]
+        oof_p = [(oof / t).softmax(2).mean(1)[:, run.positive].tolist() for t in (1.0, temperature)]  # views averaged
+        run.head['ece'] = {'before': calibration(truth, oof_p[0])['ece'], 'after': calibration(truth, oof_p[1])['ece']}
+        if tune:
+            threshold = select_threshold(truth, oof_p[1], cfg.target_sensitivity, cfg.threshold)
+    val = validate(lambda: head(run.val.x[:, 0].float()), run.val.y, run.classes, run.positive,
+                   cfg) if len(run.val.y) else None
+    say(f'head: weight decay {lam:g}' + (f', chosen by {search["folds"]} inner folds by patient (out-of-fold log loss '
+                                         f'{search["loss"][search["grid"].index(lam)]:.3f})' if auto else ' (given)')
+        + (f'; temperature {temperature:.2f}' + (f' (out-of-fold ECE {run.head["ece"]["before"]:.3f} -> '
+                                                 f'{run.head["ece"]["after"]:.3f})' if 'ece' in run.head else '')
+           if search and not cfg.unfreeze else '') + f'; {len(x)} views of {len(run.train.y)} photos, '
+        f'{time.time() - t0:.2f}s')
+    stats = {'loss': F.cross_entropy(logits, y).item(), 'accuracy': (logits.argmax(1) == y).float().mean().item()}
+    run.end_epoch('head', 1, 1, stats, val, None, time.time() - t0, threshold)
 
 
-def head_epoch(head, x, y, views, cfg, optimizer, rng):
-    """One pass over the stored features: each photo contributes one of its stored views, drawn at random."""
-    n = len(y)
-    order = torch.randperm(n, generator=rng)
-    pick = torch.randint(views, (n,), generator=rng)
-    total, correct, seen = 0.0, 0, 0
-    head.train()
-    for s in range(0, n, cfg.batch_size):
-        idx = order[s:s + cfg.batch_size]
-        logits = head(x[idx, pick[idx]].float())
-        loss = F.cross_entropy(logits, y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(idx)
-        correct += (logits.argmax(1) == y[idx]).sum().item()
-        seen += len(idx)
-    head.eval()
-    return {'loss': total / seen, 'accuracy': correct / seen}
+def fit_temperature(logits, y):
+    """The temperature T minimising the cross-entropy of softmax(logits / T): Newton's method on 1/T, a
+    one-dimensional convex problem (Guo et al. 2017, temperature scaling)."""
+    inverse = 1.0
+    for _ in range(50):
+        z = logits * inverse
+        p = z.softmax(1)
+        mean = (p * logits).sum(1)
+        grad = (mean - logits.gather(1, y[:, None])[:, 0]).mean()
+        curvature = ((p * logits * logits).sum(1) - mean * mean).mean()
+        if abs(grad) < 1e-10 or curvature <= 0:
+            break
+        inverse = min(max(inverse - grad / curvature, inverse / 4), inverse * 4)
+    return 1 / inverse
+
+
+HEAD_GRID = tuple(float(f'{10 ** (e / 2):.4g}') for e in range(-8, 3))  # the lambdas 'auto' tries: 1e-4 ... 10
+HEAD_FOLDS, HEAD_FOLD_SEED = 5, 0  # inner folds that choose lambda, drawn with a fixed seed: --seed cannot move it
+
+
+def search_weight_decay(run, grid=HEAD_GRID):
+    """lambda for the head by grouped inner cross-validation on the training photos: HEAD_FOLDS folds keeping
+    each patient's photos together, the out-of-fold log loss of every lambda of HEAD_GRID, and the
+    one-standard-error rule toward the stronger penalty. Kept in the feature cache beside the features it was
+    made on, so a warm run with the same features skips it. Also returns the out-of-fold logits of each
+    photo's views at the choice: the temperature, and the threshold of a run without validation photos,
+    come from them. None when there are too few patients of a class to make folds."""
+    x, y, views = run.train.x.double(), run.train.y, run.train.x.shape[1]
+    folds = inner_folds(run.train.photos)
+    used = sorted(set(folds))
+    if any(len({y[i].item() for i, f in enumerate(folds) if f != k}) < len(run.classes) for k in used) or len(used) < 2:
+        return None  # a fold would train without some class: too few patients
+    key = hashlib.sha256(x.float().numpy().tobytes() + json.dumps([y.tolist(), folds, grid]).encode()).hexdigest()
+    path = run.cache_dir / f'head-search-{key[:24]}.json' if run.cache_dir else None
+    if path and path.exists():
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return json.loads(path.read_text())
+    loss = torch.zeros(len(used), len(grid), dtype=torch.float64)
+    oof = torch.zeros(len(grid), len(y), views, len(run.classes), dtype=torch.float64)
+    for k, fold in enumerate(used):
+        out = torch.tensor([f == fold for f in folds])
+        space = RowSpace(x[~out].flatten(0, 1))
+        held = space.project(x[out].flatten(0, 1))
+        theta = None
+        for j in reversed(range(len(grid))):  # strong to weak penalty, each fit starting from the last
+            theta = newton_softmax(space.a, y[~out].repeat_interleave(views), len(run.classes), grid[j], theta)
+            logits = held @ theta @ HELMERT[len(run.classes)].T
+            loss[k, j] = F.cross_entropy(logits, y[out].repeat_interleave(views))
+            oof[j, out] = logits.unflatten(0, (-1, views))
+    mean, se = loss.mean(0), loss.std(0) / math.sqrt(len(used))
+    best = int(mean.argmin())
+    choice = max(j for j in range(len(grid)) if mean[j] <= mean[best] + se[best])
+    search = {'grid': list(grid), 'loss': mean.tolist(), 'se': se.tolist(), 'best': grid[best], 'choice': grid[choice],
+              'folds': len(used), 'oof_logits': oof[choice].tolist()}
+    if path and is_main():
+        atomic_write(path, lambda f: f.write(json.dumps(search).encode()))
+    return search
+
+
+def inner_folds(photos):
+    """The folds that choose the head's weight decay: by patient, stratified, always drawn the same way."""
+    return grouped_folds(photos, HEAD_FOLDS, HEAD_FOLD_SEED)
+
+
+class RowSpace:
+    """Training rows standardised and, when they are fewer than the features, written in the coordinates of
+    their own span. Under an L2 penalty the optimal weights lie in that span, so fitting there is exact, and
+    the problem shrinks from the features' 512-2,048 dimensions to the number of rows."""
+
+    def __init__(self, x):
+        self.mean, self.std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+        z, self.back = (x - self.mean) / self.std, None
+        if len(x) <= x.shape[1]:
+            values, vectors = torch.linalg.eigh(z @ z.T)  # Z Z^T = U S^2 U^T: much faster than an SVD of Z
+            keep = values > values[-1] * 1e-12
+            s, u = values[keep].sqrt(), vectors[:, keep]
+            z, self.back = u * s, (u / s).T @ z  # the rows' coordinates Z V, and V^T to go back
+        self.a = self.coordinates(z)
+
+    def coordinates(self, z):
+        return torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)  # the last column carries the bias
+
+    def project(self, x):
+        """Other rows in the same coordinates (standardised as the training rows were)."""
+        z = (x - self.mean) / self.std
+        return self.coordinates(z if self.back is None else z @ self.back.T)
+
+    def linear(self, theta):
+        """The fitted (weight, bias) as a Linear on the raw features: the standardisation folded in."""
+        P = HELMERT[theta.shape[1] + 1]
+        w = P @ theta[:-1].T
+        w = (w if self.back is None else w @ self.back) / self.std  # K x D, per raw feature
+        return w.float(), (P @ theta[-1] - w @ self.mean).float()
+
+
+HELMERT = {k: torch.linalg.qr(torch.eye(k, dtype=torch.float64) - 1 / k)[0][:, :k - 1] for k in range(2, 33)}
+# an orthonormal basis of the logit vectors summing to zero: the penalised optimum has W's rows summing to zero,
+# so writing W = P Omega (P: this basis) loses nothing, keeps |W| = |Omega|, and leaves K - 1 blocks to fit (one for
+# two classes: plain logistic regression)
+
+
+def newton_softmax(a, y, num_classes, lam, theta=None, tol=1e-9):
+    """Minimise mean cross-entropy(softmax(P (a theta)^T)) + lam/2 |theta without its last row|^2 by Newton's
+    method with a backtracking line search: a (n x m, last column ones for the bias), y (n) class indices,
+    theta (m x K-1). Converged when the gradient's largest entry is below `tol`; convex, so from anywhere."""
+    P = HELMERT[num_classes]
+    n, m = a.shape
+    onehot = F.one_hot(y, num_classes).to(a.dtype)
+    reg = torch.full((m, 1), float(lam), dtype=a.dtype)
+    reg[-1] = 0  # the bias is not penalised
+
+    def objective(t):
+        logits = a @ t @ P.T
+        return (torch.logsumexp(logits, 1) - (logits * onehot).sum(1)).mean() + 0.5 * (reg * t * t).sum()
+    theta = torch.zeros(m, P.shape[1], dtype=a.dtype) if theta is None else theta
+    f = objective(theta)
+    for _ in range(100):
+        p = (a @ theta @ P.T).softmax(1)
+        grad = a.T @ ((p - onehot) @ P) / n + reg * theta
+        if grad.abs().max() < tol:
+            break
+        pp = p @ P  # the softmax's curvature in the basis, per row: P^T (diag p - p p^T) P
+        step = newton_step(a, (torch.einsum('ik,kc,kd->icd', p, P, P) - pp[:, :, None] * pp[:, None, :]) / n, reg,
+                           grad)
+        decrease, s = (grad * step).sum(), 1.0
+        while s > 1e-6:  # backtracking: Newton's full step, or shorter until the objective falls enough
+            new = theta - s * step
+            f_new = objective(new)
+            if f_new <= f - 0.25 * s * decrease:
+                break
+            s /= 2
+        theta, f = new, f_new
+    return theta
+
+
+def newton_step(a, w, reg, grad):
+    """H^-1 grad for the Hessian H = a^T w a + reg (w: per-row curvature blocks): by Cholesky for small problems
+    (the usual few hundred coordinates: fastest), by conjugate gradients preconditioned with H's diagonal for
+    large ones, where forming H would cost rows x coordinates^2."""
+    m, q = grad.shape
+    if m * q <= 1024:
+        hess = torch.cat([torch.cat([(a.T * w[:, c, d]) @ a for d in range(q)], 1) for c in range(q)], 0)
+        hess.diagonal().add_(reg.repeat(q, 1)[:, 0] + 1e-12)
+        return torch.cholesky_solve(grad.T.reshape(-1, 1), torch.linalg.cholesky(hess)).reshape(q, m).T
+    diag = (a * a).T @ torch.diagonal(w, dim1=1, dim2=2) + reg + 1e-12
+    x, r = torch.zeros_like(grad), grad.clone()
+    z = r / diag
+    d, rz, goal = z, (r * z).sum(), min(0.1, grad.norm()) * grad.norm()  # inexact Newton: superlinear
+    for _ in range(1000):
+        hd = a.T @ torch.einsum('icd,id->ic', w, a @ d) + reg * d
+        step = rz / (d * hd).sum()
+        x, r = x + step * d, r - step * hd
+        if r.norm() <= goal:
+            break
+        z = r / diag
+        rz, rz_old = (r * z).sum(), rz
+        d = z + rz / rz_old * d
+    return x
 
 
 def validate(logits_fn, y, classes, positive, cfg):
@@ -1414,8 +1599,8 @@ def finetune(run):
         model.load_state_dict(run.resume['trainable'], strict=False)
         optimizer.load_state_dict(run.resume['optimizer'])
         start = run.resume['epoch'] + 1
-    pre = preprocessing(cfg)
-    for epoch in range(start, cfg.finetune_epochs + 1):
+    pre, scale = preprocessing(cfg), run.head['scale'].to(device)
+    for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
         sampler.set_epoch(epoch)
         photos = [run.train.photos[i] for i in sampler]
@@ -1424,7 +1609,7 @@ def finetune(run):
         total, correct, seen = 0.0, 0, 0
         for step, batch in enumerate(tqdm(loader, desc=f'finetune epoch {epoch}', unit='batch', leave=False,
                                           disable=None if is_main() else True)):
-            factor = finetune_lr_factor((epoch - 1) * steps + step, steps, cfg.finetune_epochs)
+            factor = finetune_lr_factor((epoch - 1) * steps + step, steps, cfg.epochs)
             for group, lr in zip(optimizer.param_groups, base_lrs):
                 group['lr'] = lr * factor
             bad = [err for _, _, err in batch if err]
@@ -1434,7 +1619,8 @@ def finetune(run):
             y = torch.tensor([photos[i].label for i, _, _ in batch], device=device)
             with autocast(device, run.precision):
                 logits = net(x).float()
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y)  # and the head's penalty, as it was fit: on standardised features
+            loss = loss + run.head['weight_decay'] / 2 * (head.weight * scale).square().sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -1444,8 +1630,8 @@ def finetune(run):
         total, correct, seen = map(sum, zip(*gather((total, correct, seen))))
         val = validate(lambda: photo_logits(run, run.val.photos), run.val.y, run.classes, run.positive,
                        cfg) if len(run.val.y) else None
-        run.end_epoch('finetune', epoch, cfg.finetune_epochs, {'loss': total / max(seen, 1),
-                      'accuracy': correct / max(seen, 1)}, val, optimizer, None, time.time() - t0)
+        run.end_epoch('finetune', epoch, cfg.epochs, {'loss': total / max(seen, 1),
+                      'accuracy': correct / max(seen, 1)}, val, optimizer, time.time() - t0)
     model.cpu()
 
 
@@ -1530,14 +1716,33 @@ def metrics(labels, probs, classes, positive, threshold, preds=None):
          'balanced_accuracy': sum(present) / len(present) if present else float('nan'),
          'precision': dict(zip(classes, precision)), 'recall': dict(zip(classes, recall)),
          'support': {c: sum(cm[k]) for k, c in enumerate(classes)}, 'confusion_matrix': cm,
-         'sensitivity': None, 'sensitivity_ci': None, 'specificity': None, 'specificity_ci': None, 'auc': None}
+         'sensitivity': None, 'sensitivity_ci': None, 'specificity': None, 'specificity_ci': None, 'auc': None,
+         'log_loss': None, 'brier': None, 'ece': None}
     if positive is not None:
         tp, P = cm[positive][positive], sum(cm[positive])
         tn, N = sum(cm[r][c] for r in range(C) for c in range(C) if positive not in (r, c)), n - P
         m.update(sensitivity=tp / P if P else float('nan'), sensitivity_ci=wilson(tp, P),
                  specificity=tn / N if N else float('nan'), specificity_ci=wilson(tn, N),
-                 auc=roc_auc([y == positive for y in labels], [p[positive] for p in probs]))
+                 auc=roc_auc([y == positive for y in labels], [p[positive] for p in probs]),
+                 **calibration([y == positive for y in labels], [p[positive] for p in probs]))
     return m
+
+
+def calibration(y_pos, p_pos, bins=10):
+    """How honest the probabilities of the screened class are: the log loss, the Brier score (mean of
+    (p - y)^2) and the expected calibration error (|observed share - mean p| over `bins` equal-width bins,
+    weighted by count), with the bins (count, mean p, observed share) for the reliability diagram."""
+    n = len(p_pos)
+    if not n:
+        return {'log_loss': float('nan'), 'brier': float('nan'), 'ece': float('nan'), 'bins': []}
+    cells = [[] for _ in range(bins)]
+    for y, p in zip(y_pos, p_pos):
+        cells[min(int(p * bins), bins - 1)].append((p, float(y)))
+    cells = [(len(c), sum(p for p, _ in c) / len(c), sum(y for _, y in c) / len(c)) if c else (0, None, None)
+             for c in cells]
+    return {'log_loss': -sum(math.log(max(p if y else 1 - p, 1e-15)) for y, p in zip(y_pos, p_pos)) / n,
+            'brier': sum((p - y) ** 2 for y, p in zip(y_pos, p_pos)) / n,
+            'ece': sum(k / n * abs(share - mean) for k, mean, share in cells if k), 'bins': cells}
 
 
 def wilson(k, n, z=1.959963984540054):
@@ -1615,6 +1820,8 @@ def print_metrics(m, title):
         say(f'{pc}: called when P({pc}) >= {m["threshold"]:.2f}')
         say(f'  sensitivity {number(m["sensitivity"])}{ci(m["sensitivity_ci"])}   '
             f'specificity {number(m["specificity"])}{ci(m["specificity_ci"])}   ROC AUC {number(m["auc"])}')
+        say(f'  P({pc}): log loss {number(m["log_loss"])}   Brier {number(m["brier"])}   ECE {number(m["ece"])}'
+            ' (10 bins)')
     width = max(10, max(len(c) for c in m['classes']))
     say(f'  {"class":<{width}}  precision  recall      n')
     for c in m['classes']:
@@ -1641,7 +1848,9 @@ def print_cv(result):
         ci = lambda c: f'(95% CI {c[0]:.2f}-{c[1]:.2f})'  # noqa: E731
         say(f'pooled out-of-fold ({pooled["n"]} photos, {pooled["positive_class"]} screened): sensitivity '
             f'{number(pooled["sensitivity"])} {ci(pooled["sensitivity_ci"])}, specificity '
-            f'{number(pooled["specificity"])} {ci(pooled["specificity_ci"])}, ROC AUC {number(pooled["auc"])}')
+            f'{number(pooled["specificity"])} {ci(pooled["specificity_ci"])}, ROC AUC {number(pooled["auc"])}; '
+            f'P({pooled["positive_class"]}): log loss {number(pooled["log_loss"])}, Brier {number(pooled["brier"])}, '
+            f'ECE {number(pooled["ece"])} (without the temperature: {number(pooled["untempered"]["ece"])})')
 
 
 # ================================================================================================
@@ -1864,21 +2073,49 @@ def plot_predictions(results, loaded, cfg):
     return path
 
 
-def plot_curves(history, path):
-    """curves.png: training and validation loss and accuracy per epoch."""
-    fig, ((a, b),) = new_figure((10, 4), 1, 2)
-    x = list(range(1, len(history) + 1))
-    for ax, key, name in ((a, 'loss', 'cross-entropy loss'), (b, 'accuracy', 'accuracy')):
+def plot_curves(history, head, path):
+    """curves.png: how the head's weight decay was chosen (inner-cv log loss against lambda, the choice
+    marked), then training and validation loss and accuracy per epoch wherever epochs ran (fine-tuning)."""
+    epochs = len(history) > 1
+    fig, axes = new_figure((5 * (1 + 2 * epochs), 4), 1, 1 + 2 * epochs)
+    ax, search = axes[0, 0], head.get('search')
+    if search:
+        ax.errorbar(search['grid'], search['loss'], yerr=search['se'], fmt='o-', capsize=3, label='out-of-fold')
+        ax.axvline(search['choice'], color='red', ls='--', label=f'chosen: {search["choice"]:g} (one-SE rule)')
+        ax.axvline(search['best'], color='grey', ls=':', label=f'lowest: {search["best"]:g}')
+        ax.set(xscale='log', xlabel='weight decay (lambda)', ylabel='log loss',
+               title=f'head: {search["folds"]} inner folds by patient')
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, f'weight decay {head.get("weight_decay", float("nan")):g}\n(given, not searched)',
+                ha='center', va='center', transform=ax.transAxes)
+        ax.set(title='head', xticks=[], yticks=[])
+    ax.grid(alpha=0.3)
+    x = list(range(len(history)))  # 0: the head, then the fine-tuning epochs
+    for ax, key, name in zip(axes[0, 1:], ('loss', 'accuracy'), ('cross-entropy loss', 'accuracy')):
         ax.plot(x, [r[f'train_{key}'] for r in history], 'o-', label='train')
         ax.plot(x, [r[f'val_{key}'] for r in history], 's-', label='validation')
         if key == 'accuracy':
             ax.plot(x, [r['val_balanced_accuracy'] for r in history], '^--', label='validation, balanced')
-        stages = [r['stage'] for r in history]
-        if 'finetune' in stages:
-            ax.axvline(stages.index('finetune') + 0.5, color='grey', lw=0.8, ls=':')
-        ax.set(xlabel='epoch', title=name)
+        ax.set(xlabel='fine-tuning epoch (0: the head alone)', title=name)
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_calibration(m, path, title):
+    """calibration.png: the reliability diagram of P(screened class): observed share against mean predicted
+    probability per bin (marker area: photos in it), the diagonal being perfect calibration."""
+    fig, ((ax,),) = new_figure((5, 5))
+    cells = [c for c in m['bins'] if c[0]]
+    ax.plot([0, 1], [0, 1], color='grey', lw=0.8, ls='--', label='perfectly calibrated')
+    ax.plot([c[1] for c in cells], [c[2] for c in cells], 'o-', label=f'ECE {m["ece"]:.3f}')
+    ax.scatter([c[1] for c in cells], [c[2] for c in cells], s=[12 * c[0] ** 0.8 for c in cells], alpha=0.4)
+    ax.set(xlabel=f'mean predicted P({m["positive_class"]})', ylabel='observed share', xlim=(0, 1), ylim=(0, 1))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc='upper left')
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -2232,6 +2469,9 @@ worker_count = checked(int, lambda v: v >= -1, 'must be -1 (auto) or more', 'int
 positive_float = checked(float, lambda v: v > 0 and not math.isinf(v), 'must be a positive number', 'number')
 open_fraction = checked(float, lambda v: 0 < v < 1, 'must be between 0 and 1 (exclusive)', 'fraction')
 probability = checked(float, lambda v: 0 <= v <= 1, 'must be between 0 and 1', 'probability')
+fraction = checked(float, lambda v: 0 <= v < 1, 'must be 0 or more and below 1', 'fraction')
+weight_decay = checked(lambda t: t if t == 'auto' else float(t), lambda v: v == 'auto' or 0 <= v < math.inf,
+                       "must be 'auto' or a number of 0 or more", 'weight decay')
 fold_count = checked(int, lambda v: v >= 2, 'needs at least 2 folds', 'fold count')
 arch_name = checked(str, lambda v: v in torchvision.models.list_models(module=torchvision.models),
                     'must be a torchvision classification model (resnet101, resnet18, mobilenet_v2, ...)', 'model')
@@ -2270,14 +2510,17 @@ def build_parser():
 
     training = argparse.ArgumentParser(add_help=False)
     flag(training, '--data', str, 'class folders, or train/ + val/ folders')
-    flag(training, '--epochs', positive_int, 'head training epochs')
-    flag(training, '--lr', positive_float, 'Adam learning rate of the head')
-    flag(training, '--batch-size', positive_int, 'photos per step')
+    flag(training, '--weight-decay', weight_decay, "the head's L2 penalty, or auto (grouped inner cross-validation)",
+         metavar='L')
+    flag(training, '--epochs', positive_int, 'fine-tuning epochs (with --unfreeze)')
+    flag(training, '--finetune-epochs', positive_int, argparse.SUPPRESS, dest='epochs')  # its name until 2026-11
+    flag(training, '--lr', positive_float, 'Adam learning rate of the head while fine-tuning')
+    flag(training, '--batch-size', positive_int, 'photos per fine-tuning step')
     flag(training, '--arch', arch_name, 'torchvision model name')
     flag(training, '--weights', str, 'auto, a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a file, or none',
          metavar='W')
     flag(training, '--seed', int, 'split, initialisation and shuffling')
-    flag(training, '--val-fraction', open_fraction, 'validation share of a flat dataset, whole patients at a time')
+    flag(training, '--val-fraction', fraction, 'validation share of a flat dataset, whole patients at a time (0: none)')
     flag(training, '--crop-scale', open_fraction, 'smallest share of the photo a training crop keeps')
     flag(training, '--views', positive_int, 'random training crops per photo')
     flag(training, '--out', str, 'folder for checkpoint, class map, summary, curves and cache',
@@ -2288,7 +2531,6 @@ def build_parser():
     flag(training, '--threshold', probability, 'P(positive class) at or above which a photo is called positive')
     flag(training, '--target-sensitivity', probability, 'if > 0: highest threshold reaching this validation sensitivity')
     flag(training, '--unfreeze', non_negative_int, 'also fine-tune the last N backbone stages after the head')
-    flag(training, '--finetune-epochs', positive_int, 'epochs of fine-tuning with --unfreeze')
     flag(training, '--backbone-lr', positive_float, 'Adam learning rate of the unfrozen stages')
     training.add_argument('--resume', action='store_true', help='continue an interrupted run in --out')
     training.add_argument('--no-plot', action='store_true', help='write no pictures')
@@ -2337,7 +2579,8 @@ def build_parser():
 
 
 METAVARS = {str: 'DIR', int: 'N', positive_int: 'N', non_negative_int: 'N', worker_count: 'N', fold_count: 'K',
-            positive_float: 'X', open_fraction: 'F', probability: 'P', arch_name: 'NAME', device_name: 'DEV'}
+            positive_float: 'X', open_fraction: 'F', fraction: 'F', probability: 'P', arch_name: 'NAME',
+            device_name: 'DEV'}
 
 
 def parse_args(argv):

@@ -123,7 +123,7 @@ def trained(tmp_path_factory):
     """A resnet18 (random weights) trained on synthetic photos, shared by the tests that only read it."""
     root = tmp_path_factory.mktemp('trained')
     data = make_dataset(root / 'data', per_class=16)
-    r = call_main('train', '--data', data, '--arch', 'resnet18', '--weights', 'none', '--epochs', '4',
+    r = call_main('train', '--data', data, '--arch', 'resnet18', '--weights', 'none',
                   '--views', '2', '--out', root / 'chk')
     assert r.returncode == 0, r.stderr
     return data, root / 'chk' / 'monkeypox_model.pkl'

@@ -82,7 +82,7 @@ def main():
     photos = sorted((msld / 'Monkey Pox').glob('*.jpg'))[:2]
     step('predict-explain', mp + ['predict', *photos, '--checkpoint', ckpt, '--explain', '--plot',
                                   out / 'explain.png'], lambda s: {'lines': s.count('\t') // 2})
-    step('train-unfreeze', mp + ['train', *real, '--unfreeze', '3', '--finetune-epochs', '5', '--out',
+    step('train-unfreeze', mp + ['train', *real, '--unfreeze', '3', '--epochs', '5', '--out',
                                  work / 'tuned', '--no-plot'],
          lambda s: {'val_balanced': float(re.search(r'val balanced accuracy ([\d.]+)', s).group(1))})
     step('cv', mp + ['cv', *real, '--out', work / 'cv', '--json', '--no-plot'],

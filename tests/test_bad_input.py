@@ -63,7 +63,7 @@ def test_unreadable_images_are_skipped_named_and_listed_in_the_checkpoint(tmp_pa
         (data / rel).write_bytes(content)
     (data / 'Others' / 'scan.png').write_bytes(png_header(30000, 30000))
     bad['Others/scan.png'] = None
-    r = cli('train', '--data', data, '--out', tmp_path / 'chk', '--epochs', '1', *TINY)
+    r = cli('train', '--data', data, '--out', tmp_path / 'chk', *TINY)
     assert r.returncode == 0, r.stderr
     for rel in bad:
         assert str(data / rel) in r.stderr, rel
@@ -77,7 +77,7 @@ def test_many_unreadable_images_are_summarised(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=8)
     for i in range(14):
         (data / 'Others' / f'broken{i}.jpg').write_bytes(b'\xff\xd8\xff' + bytes(i))
-    r = cli('train', '--data', data, '--out', tmp_path / 'chk', '--epochs', '1', *TINY)
+    r = cli('train', '--data', data, '--out', tmp_path / 'chk', *TINY)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count('warning: skipped /') == 10 and 'skipped 4 more unreadable files' in r.stderr
     assert '14 unreadable file(s) skipped in all' in r.stderr
@@ -99,7 +99,7 @@ def test_hidden_and_non_image_files_are_ignored_silently(tmp_path, cli):
     hidden = data / '.ipynb_checkpoints'
     hidden.mkdir()
     Image.new('RGB', (8, 8)).save(hidden / 'x.jpg')
-    r = cli('train', '--data', data, '--out', tmp_path / 'chk', '--epochs', '1', *TINY)
+    r = cli('train', '--data', data, '--out', tmp_path / 'chk', *TINY)
     assert r.returncode == 0, r.stderr
     assert 'warning' not in r.stderr
     ckpt = torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)
@@ -159,7 +159,7 @@ def test_a_dataset_of_odd_modes_trains(tmp_path, cli):
          lambda: img.resize((8, 8)).save(f)][i % 6]()
         if f.with_suffix('.png').exists() or f.with_suffix('.gif').exists():
             f.unlink()
-    r = cli('train', '--data', data, '--out', tmp_path / 'chk', '--epochs', '1', *TINY)
+    r = cli('train', '--data', data, '--out', tmp_path / 'chk', *TINY)
     assert r.returncode == 0, r.stderr
     assert 'warning' not in r.stderr
 
@@ -271,7 +271,8 @@ def test_a_checkpoint_whose_head_does_not_match_its_classes(trained, tmp_path, c
 @pytest.mark.parametrize('args, words', [
     (('--epochs', '0'), ('--epochs', 'positive')), (('--epochs', '-3'), ('--epochs',)),
     (('--lr', '0'), ('--lr',)), (('--lr', '-1e-3'), ('--lr',)), (('--batch-size', '0'), ('--batch-size',)),
-    (('--val-fraction', '1'), ('--val-fraction',)), (('--val-fraction', '0'), ('--val-fraction',)),
+    (('--val-fraction', '1'), ('--val-fraction',)), (('--val-fraction', '-0.1'), ('--val-fraction',)),
+    (('--weight-decay', '-1'), ('--weight-decay',)), (('--weight-decay', 'strong'), ('--weight-decay',)),
     (('--arch', 'resnet9000'), ('--arch', 'resnet9000')), (('--device', 'tpu'), ('--device', 'tpu')),
     (('--device', 'cuda'), ('no CUDA GPU',)),
 ])
@@ -318,7 +319,7 @@ def no_temporary_files(folder):
 def earlier_run(tmp_path, cli, per_class):
     """Photos, and an output folder holding a checkpoint from an earlier run: (data, out, its bytes)."""
     data, out = make_dataset(tmp_path / 'd', per_class=per_class), tmp_path / 'chk'
-    assert cli('train', '--data', data, '--out', out, '--epochs', '1', *TINY).returncode == 0
+    assert cli('train', '--data', data, '--out', out, *TINY).returncode == 0
     return data, out, (out / 'monkeypox_model.pkl').read_bytes()
 
 
@@ -346,8 +347,7 @@ def test_ctrl_c_during_extraction_keeps_the_earlier_checkpoint_and_only_complete
 @pytest.mark.slow
 def test_sigterm_during_fine_tuning_saves_the_best_and_resume_finishes_like_an_uninterrupted_run(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=16)
-    args = ('--data', data, '--epochs', '3', '--unfreeze', '1', '--finetune-epochs', '6', '--backbone-lr', '0.001',
-            *TINY)
+    args = ('--data', data, '--unfreeze', '1', '--epochs', '6', '--backbone-lr', '0.001', *TINY)
     full = cli('train', *args, '--out', tmp_path / 'full')
     assert full.returncode == 0, full.stderr
     proc = start('train', *args, '--out', tmp_path / 'cut')
@@ -387,7 +387,7 @@ def limit_file_size(nbytes):
 @pytest.mark.slow
 def test_a_disk_that_fills_while_saving_keeps_the_previous_checkpoint(tmp_path, cli):
     data, out, before = earlier_run(tmp_path, cli, per_class=6)
-    r = run_script('train', '--data', data, '--out', out, '--epochs', '2', '--seed', '1', *TINY,
+    r = run_script('train', '--data', data, '--out', out, '--seed', '1', *TINY,
                    preexec_fn=limit_file_size(2_000_000))  # the resnet18 checkpoint is ~45 MB
     line = one_line_error(r, out / 'monkeypox_model.pkl', 'cannot write', 'unchanged')
     assert 'File too large' in line or 'disk' in line
@@ -410,7 +410,7 @@ def test_a_read_only_output_folder_is_a_clear_error_and_loses_nothing(tmp_path, 
     data, out, before = earlier_run(tmp_path, cli, per_class=6)
     undo = read_only(out)
     try:
-        r = cli('train', '--data', data, '--out', out, '--epochs', '1', '--no-cache', *TINY)
+        r = cli('train', '--data', data, '--out', out, '--no-cache', *TINY)
     finally:
         undo()
     one_line_error(r, out, 'cannot write')
@@ -466,7 +466,7 @@ def test_fuzzed_photos_never_crash_predict_or_training_and_every_failure_names_i
         (train_dir / ('Monkey Pox' if i % 2 else 'Others') / f'm{i:03d}.jpg').write_bytes((fuzz / names[i]).read_bytes())
     planted = sorted(f'm{i:03d}.jpg' for i in range(0, 300, 3))
     unreadable = {Path(row['path']).name for row in failed} & set(planted)
-    r = cli('train', '--data', train_dir, '--out', tmp_path / 'chk', '--epochs', '1', *TINY)
+    r = cli('train', '--data', train_dir, '--out', tmp_path / 'chk', *TINY)
     assert r.returncode == 0 and 'Traceback' not in r.stderr, r.stderr[-2000:]
     skipped = torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)['split']['skipped']
     assert unreadable, 'none of the planted mutants is unreadable: the training half tests nothing'

@@ -117,7 +117,7 @@ def test_target_sensitivity_picks_the_highest_threshold_that_reaches_it_and_deci
 def test_the_training_threshold_is_stored_and_used_by_predict_and_evaluate(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=10)
     out = tmp_path / 'chk'
-    assert cli('train', '--data', data, '--epochs', '3', '--out', out, '--target-sensitivity', '1.0',
+    assert cli('train', '--data', data, '--out', out, '--target-sensitivity', '1.0',
                *TINY).returncode == 0
     ckpt = __import__('torch').load(out / 'monkeypox_model.pkl', weights_only=True)
     m = json.loads(cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--json',
@@ -144,9 +144,11 @@ def assert_picture(path, size):
 def test_train_writes_curves_and_summary_and_evaluate_writes_confusion_roc_and_sheet(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=10)
     out = tmp_path / 'chk'
-    assert cli('train', '--data', data, '--epochs', '3', '--out', out, *TINY[:-1]).returncode == 0
-    assert_picture(out / 'curves.png', (1000, 400))
-    assert len((out / 'summary.csv').read_text().splitlines()) == 4
+    assert cli('train', '--data', data, '--out', out, *TINY[:-1]).returncode == 0
+    assert_picture(out / 'curves.png', (500, 400))  # the head's weight decay: its inner-cv curve
+    assert len((out / 'summary.csv').read_text().splitlines()) == 2  # a header and the head
+    assert cli('train', '--data', data, '--out', out, '--unfreeze', '1', '--epochs', '2', *TINY[:-1]).returncode == 0
+    assert_picture(out / 'curves.png', (1500, 400))  # and fine-tuning's epochs
     r = cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--sheet', '--out', tmp_path / 'e')
     assert r.returncode == 0, r.stderr
     for name, size in (('confusion.png', (550, 450)), ('roc.png', (500, 500))):
@@ -160,7 +162,7 @@ def test_train_writes_curves_and_summary_and_evaluate_writes_confusion_roc_and_s
 def test_no_plot_writes_no_pictures(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=6)
     out = tmp_path / 'chk'
-    assert cli('train', '--data', data, '--epochs', '1', '--out', out, *TINY).returncode == 0
+    assert cli('train', '--data', data, '--out', out, *TINY).returncode == 0
     r = cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl', '--no-plot')
     assert r.returncode == 0, r.stderr
     assert not list(out.glob('*.png'))
@@ -219,7 +221,7 @@ def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tm
 def test_predict_explain_draws_the_photo_beside_its_grad_cam_for_resnets_too(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=6)
     out = tmp_path / 'chk'
-    assert cli('train', '--data', data, '--epochs', '1', '--out', out, *TINY).returncode == 0
+    assert cli('train', '--data', data, '--out', out, *TINY).returncode == 0
     photos = sorted((data / 'Monkey Pox').glob('*.jpg'))[:2]
     r = cli('predict', *photos, '--checkpoint', out / 'monkeypox_model.pkl', '--explain', '--plot',
             tmp_path / 'p.png')
@@ -235,7 +237,7 @@ def test_predict_explain_draws_the_photo_beside_its_grad_cam_for_resnets_too(tmp
 
 def test_cv_reports_folds_mean_std_and_pooled_metrics_with_the_keys_of_evaluate(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=15)
-    r = cli('cv', '--data', data, '--folds', '3', '--arch', 'resnet18', '--weights', 'none', '--epochs', '3',
+    r = cli('cv', '--data', data, '--folds', '3', '--arch', 'resnet18', '--weights', 'none',
             '--views', '1', '--out', tmp_path / 'chk', '--json')
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)

@@ -126,7 +126,7 @@ def test_an_archive_member_that_would_escape_the_destination_is_refused(tmp_path
 def test_after_download_the_default_run_trains_and_predicts_the_test_image(server, tmp_path, cli):
     r = cli('download', '--url', f'{server}/msld.rar', cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = cli('--arch', 'resnet18', '--weights', 'none', '--epochs', '1', '--views', '1', cwd=tmp_path)
+    r = cli('--arch', 'resnet18', '--weights', 'none', '--views', '1', cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert 'train/ and val/ folders' in r.stdout
     assert './monkeypoxdata/test/test.jpg\t' in r.stdout and 'does not exist' not in r.stdout
@@ -141,9 +141,8 @@ def test_after_download_the_default_run_trains_and_predicts_the_test_image(serve
 ])
 def test_fine_tuning_changes_only_the_unfrozen_stages_and_the_head(tmp_path, cli, arch, unfreeze, trainable):
     data = make_dataset(tmp_path / 'd' / 'train', per_class=10)  # no val/: the last epoch is the model
-    r = cli('train', '--data', data.parent, '--arch', arch, '--weights', 'none', '--epochs', '2', '--views', '1',
-            '--unfreeze', unfreeze, '--finetune-epochs', '2', '--backbone-lr', '0.01', '--out', tmp_path / 'chk',
-            '--no-plot')
+    r = cli('train', '--data', data.parent, '--arch', arch, '--weights', 'none', '--views', '1', '--unfreeze', unfreeze,
+            '--epochs', '2', '--backbone-lr', '0.01', '--out', tmp_path / 'chk', '--no-plot')
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)
     assert (ckpt['stage'], ckpt['epoch']) == ('finetune', 2)
@@ -159,7 +158,7 @@ def test_fine_tuning_changes_only_the_unfrozen_stages_and_the_head(tmp_path, cli
 @pytest.mark.slow
 def test_short_real_photo_fine_tuning_beats_the_frozen_heads_validation_loss(msld, torch_home, tmp_path, cli):
     r = cli('train', '--data', msld, '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1', '--unfreeze', '6',
-            '--finetune-epochs', '6', '--out', tmp_path / 'chk', '--no-plot', env={'TORCH_HOME': str(torch_home)})
+            '--epochs', '6', '--out', tmp_path / 'chk', '--no-plot', env={'TORCH_HOME': str(torch_home)})
     assert r.returncode == 0, r.stderr
     history = torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)['history']
     frozen = min(h['val_loss'] for h in history if h['stage'] == 'head')

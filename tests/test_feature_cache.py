@@ -127,7 +127,7 @@ def test_bf16_features_agree_with_fp32_on_real_photos(msld, torch_home, tmp_path
 
 def test_cached_and_fresh_features_train_the_same_head(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=10)
-    args = ('train', '--data', data, '--epochs', '4', *TINY)
+    args = ('train', '--data', data, *TINY)
     heads, outputs = [], []
     for out, extra in (('cached', ()), ('cached', ()), ('nocache', ('--no-cache',))):
         r = cli(*args, '--out', tmp_path / out, *extra)
@@ -142,7 +142,7 @@ def test_fp32_and_bf16_runs_predict_what_they_validated(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=8)
     for precision in ('fp32', 'bf16'):
         out = tmp_path / precision
-        r = cli('train', '--data', data, '--epochs', '3', '--batch-size', '8', '--precision', precision, '--out', out,
+        r = cli('train', '--data', data, '--batch-size', '8', '--precision', precision, '--out', out,
                 *TINY)
         assert r.returncode == 0, r.stderr
         ckpt = torch.load(out / 'monkeypox_model.pkl', weights_only=True)

@@ -66,7 +66,7 @@ def test_predict_and_evaluate_honour_workers_and_extract_batch_size(trained, cli
 
 def test_fine_tuning_validation_honours_workers_and_extract_batch_size(tmp_path, cli, loaders):
     data = make_dataset(tmp_path / 'd', per_class=8)
-    r = cli('train', '--data', data, '--epochs', '1', '--unfreeze', '1', '--finetune-epochs', '1', '--out',
+    r = cli('train', '--data', data, '--unfreeze', '1', '--epochs', '1', '--out',
             tmp_path / 'chk', '--workers', '1', '--extract-batch-size', '2', '--no-cache', *TINY)
     assert r.returncode == 0, r.stderr
     validation = [made for made in loaders if made['views'] == ['eval']]
@@ -80,7 +80,7 @@ def test_target_sensitivity_without_positive_validation_photos_falls_back_to_the
     for f in (tmp_path / 'd' / 'val' / 'Monkey Pox').iterdir():
         f.unlink()
     (tmp_path / 'd' / 'val' / 'Monkey Pox').rmdir()
-    r = cli('train', '--data', tmp_path / 'd', '--epochs', '1', '--threshold', '0.3', '--target-sensitivity', '0.9',
+    r = cli('train', '--data', tmp_path / 'd', '--threshold', '0.3', '--target-sensitivity', '0.9',
             '--out', tmp_path / 'chk', *TINY)
     assert r.returncode == 0, r.stderr
     assert torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)['threshold'] == 0.3
@@ -89,7 +89,7 @@ def test_target_sensitivity_without_positive_validation_photos_falls_back_to_the
 
 def test_the_default_run_hands_predict_the_settings_it_was_given(tmp_path, cli):
     make_dataset(tmp_path / 'monkeypoxdata', per_class=6)
-    r = cli('--epochs', '1', *TINY, '--precision', 'fp32', cwd=tmp_path)
+    r = cli(*TINY, '--precision', 'fp32', cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert 'predicting the held-out validation photo' in r.stdout
     assert sum('\t' in line for line in r.stdout.splitlines()) == 1
@@ -101,7 +101,7 @@ def test_main_leaves_its_process_as_it_found_it(tmp_path, synthetic):
     random.seed(4)
     np.random.seed(5)
     states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
-    r = call_main('train', '--data', synthetic, '--epochs', '2', '--out', tmp_path / 'chk', *TINY)
+    r = call_main('train', '--data', synthetic, '--out', tmp_path / 'chk', *TINY)
     assert r.returncode == 0, r.stderr
     r = call_main('evaluate', '--data', synthetic, '--checkpoint', tmp_path / 'chk' / 'monkeypox_model.pkl',
                   '--json', '--no-plot')

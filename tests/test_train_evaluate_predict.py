@@ -52,7 +52,7 @@ def test_split_is_stratified_by_class_and_fixed_by_the_seed(msld):
 def test_train_and_val_folders_are_used_as_given(tmp_path, cli):
     make_dataset(tmp_path / 'd' / 'train', per_class=8)
     make_dataset(tmp_path / 'd' / 'val', per_class=4, seed=1)
-    r = cli('train', '--data', tmp_path / 'd', '--epochs', '1', '--out', tmp_path / 'chk', *TINY)
+    r = cli('train', '--data', tmp_path / 'd', '--out', tmp_path / 'chk', *TINY)
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)
     assert ckpt['split']['how'] == 'folders'
@@ -107,8 +107,8 @@ def test_run_keeps_a_copy_of_the_best_epoch_not_a_reference_to_live_weights(tmp_
             model.fc.weight.add_(1.0)  # training changes the live tensors in place
         weights.append(model.fc.weight.clone())
         m = {'balanced_accuracy': score, 'loss': 1 - score, 'accuracy': score}
-        run.end_epoch('head', epoch, 3, {'loss': 0.0, 'accuracy': 0.0}, {'metrics': m, 'threshold': 0.5,
-                                                                         'operating': m}, opt, torch.Generator(), 0.0)
+        run.end_epoch('finetune', epoch, 3, {'loss': 0.0, 'accuracy': 0.0}, {'metrics': m, 'threshold': 0.5,
+                                                                             'operating': m}, opt, 0.0)
     run.finish()
     saved = torch.load(tmp_path / 'monkeypox_model.pkl', weights_only=True)
     assert saved['epoch'] == 2
@@ -128,9 +128,9 @@ def test_checkpoint_is_self_describing_and_loads_with_weights_only(trained):
     assert ckpt['model']['fc.weight'].shape == (2, 512)
     assert set(ckpt['split']['train']).isdisjoint(ckpt['split']['val'])
     assert ckpt['versions']['torch'] == str(torch.__version__)
-    assert ckpt['metrics']['balanced_accuracy'] == max(r['val_balanced_accuracy'] for r in ckpt['history'])
-    # the history is the whole run's, whichever epoch was best
-    assert [r['epoch'] for r in ckpt['history']] == list(range(1, ckpt['config']['epochs'] + 1))
+    assert ckpt['metrics']['balanced_accuracy'] == ckpt['history'][0]['val_balanced_accuracy']
+    assert ckpt['stage'] == 'head' and ckpt['head']['auto'] and ckpt['head']['weight_decay'] in mp.HEAD_GRID
+    assert ckpt['head']['search']['choice'] == ckpt['head']['weight_decay'] and ckpt['head']['temperature'] > 0
 
 
 def test_class_map_is_written_and_read_back_as_plain_data(trained):
@@ -202,8 +202,9 @@ def test_the_default_run_follows_the_constants_at_the_top(tmp_path):
     data = make_dataset(tmp_path / 'monkeypoxdata', per_class=8)
     script = tmp_path / 'monkeypox.py'
     text = SCRIPT.read_text()
-    for old, new in (("EPOCHS = 10 ", "EPOCHS = 3 "), ("ARCH = 'resnet101'", "ARCH = 'resnet18'"),
-                     ("WEIGHTS = 'auto'", "WEIGHTS = 'none'"), ("VIEWS = 2 ", "VIEWS = 1 ")):
+    for old, new in (("EPOCHS = 15 ", "EPOCHS = 2 "), ("UNFREEZE = 0 ", "UNFREEZE = 1 "),
+                     ("ARCH = 'resnet101'", "ARCH = 'resnet18'"), ("WEIGHTS = 'auto'", "WEIGHTS = 'none'"),
+                     ("VIEWS = 2 ", "VIEWS = 1 "), ("WEIGHT_DECAY = 'auto'", "WEIGHT_DECAY = 0.3")):
         assert old in text
         text = text.replace(old, new)
     script.write_text(text)
@@ -211,9 +212,10 @@ def test_the_default_run_follows_the_constants_at_the_top(tmp_path):
                        env=script_env())
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(tmp_path / 'chk' / 'summary.csv')))
-    assert len(rows) == 3
+    assert [r['stage'] for r in rows] == ['head', 'finetune', 'finetune']  # the head, then EPOCHS of fine-tuning
     config = json.load(open(tmp_path / 'chk' / 'config.json'))
-    assert config['epochs'] == 3 and config['arch'] == 'resnet18' and config['lr'] == mp.LR
+    assert config['epochs'] == 2 and config['arch'] == 'resnet18' and config['lr'] == mp.LR
+    assert torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)['head']['weight_decay'] == 0.3
     assert 'predicting the held-out validation photo' in r.stdout
     assert (tmp_path / 'chk' / 'prediction.png').exists() and (tmp_path / 'chk' / 'class_dict.pk').exists()
     assert data.exists()
@@ -236,7 +238,7 @@ def test_weights_that_cannot_be_downloaded_name_the_file_and_the_fix(tmp_path, s
 
 def test_settings_without_flags_are_set_with_set_and_predict_follows_the_checkpoints_preprocessing(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=6)
-    r = cli('train', '--data', data, '--epochs', '1', '--out', tmp_path / 'chk', *TINY,
+    r = cli('train', '--data', data, '--out', tmp_path / 'chk', *TINY,
             '--set', 'IMAGE_SIZE=160', '--set', 'RESIZE=176')
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)
@@ -258,7 +260,7 @@ def test_real_photos_train_with_the_defaults_and_beat_chance_on_held_out_patient
     out = tmp_path / 'chk'
     r = cli('train', '--data', msld, '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1', '--out', out, env=env)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count('head epoch') == 10
+    assert r.stdout.count('head epoch') == 1 and 'chosen by 5 inner folds by patient' in r.stdout
     m = json.loads(cli('evaluate', '--data', msld, '--checkpoint', out / 'monkeypox_model.pkl', '--json',
                        '--no-plot', env=env).stdout)
     print('real-data validation:', {k: m[k] for k in ('n', 'accuracy', 'balanced_accuracy', 'sensitivity',
