@@ -33,6 +33,9 @@ MODEL_PATH = './chk/resnet101-cd907fc2.pth'  # --set: ImageNet weights file for 
 SAVE_PATH = './chk/monkeypox_model.pkl'      # --checkpoint: best model; `train --out DIR` writes DIR/monkeypox_model.pkl
 TEST_IMAGE = './monkeypoxdata/test/test.jpg'  # --test-image: predicted and shown at the end of the default run
 CACHE_DIR = ''              # --cache: feature cache folder ('' = OUT/cache); --no-cache keeps features in memory only
+AUTO_DOWNLOAD = True        # --no-download: when IMAGE_PATH is missing or empty, train/cv fetch the public MSLD photos there
+ARCHIVE_URL = ('https://github.com/ShamsNafisaAli/Monkeypox-Skin-Lesion-Dataset/raw/365f48b825a1f906f1e477453e7a0d1'
+               '53bf99b74/Original%20Images.rar')  # --archive-url: the MSLD authors' archive; offline, a local copy
 
 # The model and its head
 ARCH = 'resnet101'          # --arch: any torchvision classification model (resnet18, resnet50, mobilenet_v2, ...)
@@ -115,8 +118,6 @@ EVAL_VIEW = 'eval'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp',
                     '.ppm', '.pgm', '.heic', '.heif', '.avif')  # .heic and friends are reported, not silently ignored
 DATASET_URL = 'https://github.com/ShamsNafisaAli/Monkeypox-Skin-Lesion-Dataset'
-ARCHIVE_URL = ('https://github.com/ShamsNafisaAli/Monkeypox-Skin-Lesion-Dataset/raw/'
-               '365f48b825a1f906f1e477453e7a0d153bf99b74/Original%20Images.rar')  # the 228 original photos
 ARCHIVE_BYTES, ARCHIVE_MD5 = 1_476_879, '09bd765cb91e6658ff27f83fa869c65c'
 DATASET_CITATION = ('Ali, S. N., Ahmed, M. T., Paul, J., Jahan, T., Sani, S. M. S., Noor, N., Hasan, T. (2022). '
                     'Monkeypox Skin Lesion Detection Using Deep Learning Models: A Feasibility Study. '
@@ -281,10 +282,10 @@ def predict(cfg):
     return results
 
 
-def download(cfg):
+def download(cfg, fix='fetch the file by hand and pass --url PATH'):
     """Fetch the authors' archive of the MSLD photos, verify it, and lay it out as train/ val/ test/ by
     patient. Everything happens in a temporary folder beside --dest, renamed into place at the end:
-    an interrupted or failed download leaves --dest as it was."""
+    an interrupted or failed download leaves --dest as it was. `fix`: what to do when offline."""
     dest = Path(cfg.dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not cfg.force:
         raise UserError(f'{dest} exists and is not empty; pass --force to replace it, or choose --dest')
@@ -292,7 +293,7 @@ def download(cfg):
     work = Path(tempfile.mkdtemp(prefix=f'.{dest.name}-download-', dir=dest.parent))
     try:
         archive = work / 'archive.rar'
-        fetch(cfg.url, archive)
+        fetch(cfg.url, archive, fix)
         size, md5 = archive.stat().st_size, hashlib.md5(archive.read_bytes()).hexdigest()
         if (size, md5) != (ARCHIVE_BYTES, ARCHIVE_MD5):
             raise UserError(f'{cfg.url}: got {size:,} bytes with md5 {md5}, expected {ARCHIVE_BYTES:,} bytes with '
@@ -326,6 +327,7 @@ class Prepared:
 def prepare(cfg, every_photo=False):
     """What train and cv start from: the photos (cv: every photo, its folds drawn later), the weights,
     the screened class, and the backbone's features of every photo, from the cache where it has them."""
+    download_if_missing(cfg)
     memo = load_memo(cfg.cache)
     classes, parts = read_dataset(cfg.data, memo)
     split, what = split_photos(cfg.data, classes, parts, cfg), cfg.data
@@ -354,6 +356,28 @@ def prepare(cfg, every_photo=False):
         f'features: {len(split.train)}x{cfg.views} training views + {len(split.val)} validation photos, {done}, '
         f'{time.time() - t0:.1f}s' + (f' (cache {extractor.cache.dir})' if extractor.cache.dir else ''))
     return Prepared(split, what, spec, positive, extractor, train_f, val_f)
+
+
+def download_if_missing(cfg):
+    """The default run, train and cv fetch the public photos into IMAGE_PATH first when it is missing or empty,
+    as torchvision's datasets do with download=True; never into another folder, which a user named for
+    their own photos. Under torchrun rank 0 downloads while the others wait."""
+    if not cfg.download_missing or (os.path.isdir(cfg.data) and any(os.scandir(cfg.data))):
+        return
+    failure = None
+    if is_main():
+        say(f'{cfg.data} is missing or empty, so the public Monkeypox Skin Lesion Dataset (MSLD, 228 photos) is '
+            f'downloaded into it first. License: CC BY-NC 4.0, non-commercial use only, with attribution. '
+            f'Cite: {DATASET_CITATION}. ({DATASET_URL}; --no-download turns this off)')
+        try:
+            download(argparse.Namespace(**{**vars(cfg), 'dest': cfg.data, 'url': cfg.archive_url, 'force': False}),
+                     fix='pass --archive-url PATH (or `download --url PATH`) with a copy of the archive, or --data DIR '
+                         'with photos of your own')
+        except UserError as e:
+            failure = str(e)
+    failure = gather(failure)[0]
+    if failure:
+        raise UserError(failure)
 
 
 def report(cfg, result, m, labels, probs, out, title, print_text):
@@ -1875,8 +1899,9 @@ def checkpoint_meta(cfg, prep):
 
 def fingerprint(cfg, split, spec):
     """What a resumed run must share with the interrupted one."""
-    keep = {k: v for k, v in vars(cfg).items() if k not in ('resume', 'workers', 'no_plot', 'extract_batch_size',
-                                                            'debug', 'dist_timeout', 'checkpoint_seconds')}
+    keep = {k: v for k, v in vars(cfg).items() if k not in ('resume', 'workers', 'no_plot', 'extract_batch_size', 'debug',
+                                                            'dist_timeout', 'checkpoint_seconds', 'auto_download',
+                                                            'download_missing', 'archive_url')}
     ids = [[p.sha for p in split.train], [p.sha for p in split.val], spec.ident]
     return hashlib.sha256(json.dumps([keep, ids], sort_keys=True, default=str).encode()).hexdigest()
 
@@ -2220,7 +2245,7 @@ def grad_cam(model, path, target, pre):
 # ================================================================================================
 # Download: the public MSLD photos
 
-def fetch(url, path):
+def fetch(url, path, fix):
     """Download url (http, https, file, or a local path) to path, with a progress bar and a timeout."""
     import urllib.error
     import urllib.request
@@ -2235,8 +2260,7 @@ def fetch(url, path):
                     bar.update(len(chunk))
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, 'reason', None) or e
-        raise UserError(f'cannot download {url}: {reason}. Check the network, or fetch the file by hand and pass '
-                        '--url PATH') from e
+        raise UserError(f'cannot download {url}: {reason}. Check the network, or {fix}') from e
 
 
 def safe_member(name):
@@ -2526,6 +2550,10 @@ def build_parser():
     flag(training, '--out', str, 'folder for checkpoint, class map, summary, curves and cache',
          default=os.path.dirname(d['checkpoint']) or '.')
     flag(training, '--cache', str, 'feature cache folder; empty means OUT/cache')
+    flag(training, '--archive-url', str, 'the MSLD archive, fetched when IMAGE_PATH is missing or empty (URL or file)',
+         metavar='URL')
+    training.add_argument('--no-download', dest='auto_download', action='store_false', default=d['auto_download'],
+                          help='never download the public photos into a missing IMAGE_PATH')
     training.add_argument('--no-cache', action='store_true', help='keep features in memory only')
     flag(training, '--positive-class', str, 'class screened for', metavar='NAME')
     flag(training, '--threshold', probability, 'P(positive class) at or above which a photo is called positive')
@@ -2570,7 +2598,7 @@ def build_parser():
     p.add_argument('--explain', action='store_true', help='add a Grad-CAM heat map of the predicted class')
     p = command('download', [general], 'fetch the public MSLD photos (CC BY-NC)')
     flag(p, '--dest', str, 'folder to create (train/ val/ test/)', default=d['data'])
-    flag(p, '--url', str, 'where the authors\' archive is (URL or file)', default=ARCHIVE_URL, metavar='URL')
+    flag(p, '--url', str, 'where the authors\' archive is (URL or file)', default=d['archive_url'], metavar='URL')
     p.add_argument('--force', action='store_true', help='replace a non-empty --dest')
     flag(p, '--seed', int, 'the patient-grouped split')
     p = command('cv', [training, common, output], 'cross-validation by patient: the accuracy to quote')
@@ -2600,6 +2628,8 @@ def parse_args(argv):
     if cfg.command in ('run', 'train', 'cv'):
         cfg.cache = '' if cfg.no_cache else (cfg.cache or os.path.join(cfg.out, 'cache'))
         cfg.checkpoint = os.path.join(cfg.out, os.path.basename(cfg.checkpoint))
+        # IMAGE_PATH, as shipped or edited or named by --data, is the one folder the photos may be downloaded into
+        cfg.download_missing = cfg.auto_download and os.path.abspath(cfg.data) == os.path.abspath(defaults['data'])
         if cfg.weights == 'auto':  # MODEL_PATH holds weights for ARCH: used for that architecture only
             cfg.weights = cfg.model_path if cfg.arch == defaults['arch'] and os.path.isfile(cfg.model_path) else 'DEFAULT'
     return cfg

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import monkeypox as mp
-from conftest import ARCHIVE, SHARED, make_dataset, need_shared
+from conftest import ARCHIVE, SHARED, TINY, make_dataset, need_shared, one_line_error
 
 
 @pytest.fixture(scope='module')
@@ -123,14 +123,37 @@ def test_an_archive_member_that_would_escape_the_destination_is_refused(tmp_path
 
 
 @pytest.mark.slow
-def test_after_download_the_default_run_trains_and_predicts_the_test_image(server, tmp_path, cli):
-    r = cli('download', '--url', f'{server}/msld.rar', cwd=tmp_path)
+def test_on_a_fresh_machine_the_default_run_downloads_the_photos_trains_and_predicts(tmp_path, cli):
+    need_shared(ARCHIVE)
+    r = cli('--archive-url', ARCHIVE, '--arch', 'resnet18', '--weights', 'none', '--views', '1', cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = cli('--arch', 'resnet18', '--weights', 'none', '--views', '1', cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert 'train/ and val/ folders' in r.stdout
-    assert './monkeypoxdata/test/test.jpg\t' in r.stdout and 'does not exist' not in r.stdout
-    assert (tmp_path / 'chk' / 'prediction.png').exists()
+    assert 'CC BY-NC' in r.stdout and 'arXiv:2207.03342' in r.stdout  # license and citation, before fetching
+    assert r.stdout.index('CC BY-NC') < r.stdout.index('train/ and val/ folders')
+    assert './monkeypoxdata/test/test.jpg\t' in r.stdout  # the TEST_IMAGE that download put there
+    assert (tmp_path / 'chk' / 'monkeypox_model.pkl').exists() and (tmp_path / 'chk' / 'prediction.png').exists()
+    assert len(list((tmp_path / 'monkeypoxdata').rglob('*.jpg'))) == 229  # 228 photos and test/test.jpg
+
+
+def test_photos_are_never_downloaded_into_a_folder_named_for_ones_own_or_with_no_download(tmp_path, cli):
+    archive = tmp_path / 'never-read.rar'  # were anything fetched, it would fail on this
+    r = cli('train', '--data', tmp_path / 'mine', '--archive-url', archive, *TINY, cwd=tmp_path)
+    assert r.returncode == 2 and 'mine does not exist' in r.stderr and 'never-read' not in r.stderr
+    r = cli('train', '--no-download', '--archive-url', archive, *TINY, cwd=tmp_path)
+    assert r.returncode == 2 and 'monkeypoxdata does not exist' in r.stderr and 'never-read' not in r.stderr
+    (tmp_path / 'monkeypoxdata').mkdir()  # empty: the default folder is filled, but only when asked
+    r = cli('cv', '--no-download', '--archive-url', archive, *TINY, cwd=tmp_path)
+    assert r.returncode == 2 and 'no class folders' in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['monkeypoxdata']
+
+
+def test_offline_the_default_run_names_both_fixes_and_leaves_nothing_behind(tmp_path, cli):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(('127.0.0.1', 0))
+        url = f'http://127.0.0.1:{s.getsockname()[1]}/msld.rar'
+    line = one_line_error(cli('--archive-url', url, *TINY, cwd=tmp_path), 'cannot download', '--archive-url PATH',
+                          'download --url PATH', '--data DIR')
+    assert url in line
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- fine-tuning -----------------------------------------------------------------------------------

@@ -222,7 +222,7 @@ def test_the_default_run_follows_the_constants_at_the_top(tmp_path):
 
 
 def test_the_real_script_exits_2_with_one_line_when_the_dataset_is_missing(tmp_path, script):
-    r = script(cwd=tmp_path)
+    r = script('--no-download', cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.count('\n') == 1 and 'monkeypoxdata' in r.stderr and 'download' in r.stderr
     assert 'Traceback' not in r.stderr
