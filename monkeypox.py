@@ -65,6 +65,7 @@ DEVICE = 'auto'             # --device: cuda when present, else cpu
 PRECISION = 'auto'          # --precision: backbone pass in bf16 where the hardware runs it fast (auto), else fp32
 WORKERS = -1                # --workers: image decoding processes beside the backbone pass (-1: auto, see decode_workers)
 EXTRACT_BATCH_SIZE = 16     # --extract-batch-size: crops per backbone pass (16 was fastest for ResNet101 on 2 cores)
+COMPILE = 'auto'            # --compile: torch.compile the backbone for extraction: auto (when it pays), always, never
 DIST_TIMEOUT = 300          # --set: seconds a torchrun rank waits for the others before failing (a rank died)
 CHECKPOINT_SECONDS = 5.0    # --set: a better epoch is written at once, but at most this often (head epochs take ms)
 
@@ -80,6 +81,7 @@ SETTINGS = [name for name in globals() if name.isupper()]  # the names above, in
 import argparse
 import ast
 import contextlib
+import copy
 import csv
 import dataclasses
 import datetime
@@ -349,8 +351,10 @@ def prepare(cfg, every_photo=False):
     if bad + bad_val:
         report_skipped(bad + bad_val, listed_in='' if every_photo else 'the checkpoint (split.skipped)')
         drop_unreadable(split, bad + bad_val)
-    done = (f'{extractor.crops} crops computed at {extractor.crops / extractor.seconds:.1f} crops/s'
-            if extractor.crops else 'all from cache')
+    ex = extractor
+    done = (f'{ex.crops} crops computed at {ex.crops / ex.seconds:.1f} crops/s (backbone {ex.backbone_seconds / ex.crops * 1e3:.1f}'
+            f' ms a crop, all else {(ex.seconds - ex.backbone_seconds) / ex.crops * 1e3:.1f}; model ready in '
+            f'{ex.setup_seconds:.1f}s)' if ex.crops else 'all from cache')
     say(f'cv: {what}, {len(train_f.photos)} photos, {cfg.folds} folds by patient (seed {cfg.seed}); {cfg.arch}, '
         f'weights {spec.name}, features in {time.time() - t0:.1f}s' if every_photo else
         f'features: {len(split.train)}x{cfg.views} training views + {len(split.val)} validation photos, {done}, '
@@ -710,13 +714,19 @@ def preprocessing(cfg, ckpt=None):
 
 
 def eval_transform(pre):
-    return T.Compose([T.Resize(pre['resize']), T.CenterCrop(pre['image_size']), T.ToTensor(),
-                      T.Normalize(pre['mean'], pre['std'])])
+    return T.Compose([T.Resize(pre['resize']), T.CenterCrop(pre['image_size']), T.PILToTensor()])
 
 
 def train_transform(pre, crop_scale):
     return T.Compose([T.RandomResizedCrop(pre['image_size'], scale=(crop_scale, 1.0)), T.RandomHorizontalFlip(),
-                      T.ToTensor(), T.Normalize(pre['mean'], pre['std'])])
+                      T.PILToTensor()])
+
+
+def normalize(x, pre):
+    """uint8 crops (as the transforms leave them: 4x less to copy and collate than floats) to the normalised
+    floats a backbone expects. The inference backbone folds this into its first convolution instead."""
+    mean, std = (torch.tensor(pre[k], device=x.device).view(1, -1, 1, 1) for k in ('mean', 'std'))
+    return (x.float() / 255 - mean) / std
 
 
 def view_seed(sha, view):
@@ -726,8 +736,9 @@ def view_seed(sha, view):
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Item i: photo i decoded once and cut into the views asked for ('eval', or a named random view).
-    Unreadable photos come back as an error line instead of raising, so one bad file skips one photo."""
+    """Item i: photo i decoded once and cut into the views asked for ('eval', or a named random view), as
+    uint8 tensors. Unreadable photos come back as an error line instead of raising, so one bad file skips
+    one photo."""
 
     def __init__(self, photos, views, pre, crop_scale):
         self.photos, self.views, self.resize = photos, views, pre['resize']
@@ -967,7 +978,8 @@ def resolve_precision(precision, device):
         return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
     fast = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)() or \
         getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()
-    return 'bf16' if fast else 'fp32'
+    isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()  # oneDNN held below its bf16 units emulates bf16
+    return 'bf16' if fast and any(k in isa for k in ('BF16', 'FP16', 'AMX', 'AVX10', 'ALL')) else 'fp32'
 
 
 def scoring_precision(cfg, loaded, device):
@@ -1018,10 +1030,10 @@ def score_photos(fn, photos, cfg, device, pre, desc):
     return merged, sorted(every_failure)
 
 
-def classifier(model, device, precision, probs=True):
-    """A batch of crops -> class probabilities (or logits): the backbone in its precision, the head in
+def classifier(model, device, precision, pre, probs=True):
+    """A batch of uint8 crops -> class probabilities (or logits): the backbone in its precision, the head in
     fp32 on the features, exactly as training computes them."""
-    backbone, head = inference_model(model, device, precision)
+    backbone, head = inference_model(model, device, precision, pre)
 
     def fn(x):
         logits = head(backbone(x).float())
@@ -1029,36 +1041,54 @@ def classifier(model, device, precision, probs=True):
     return fn
 
 
-class Headless(nn.Module):
-    """A model's backbone: the model with its head set aside, under bf16 autocast when asked."""
-
-    def __init__(self, model, precision):
-        super().__init__()
-        self.model, self.precision = model, precision
-
-    def forward(self, x):
-        with without_head(self.model), autocast(x.device, self.precision):
-            return self.model(x)
-
-
-def inference_model(model, device, precision):
-    """The backbone and the head for passes without gradients (features, predict, evaluate, validation),
-    channels_last. In fp32, BatchNorm is folded into the convolutions before it (torch.fx; exact up to
-    rounding). In bf16 the model runs under autocast as it is: folding first and rounding the folded
-    weights to bf16 ran 1.4x faster but cost 1.4 points of cross-validated accuracy (MobileNetV2, MSLD,
-    6 fold seeds). Every pass that scores photos goes through here, so training, evaluate and predict
+def inference_model(model, device, precision, pre):
+    """The backbone and the head for passes without gradients (features, predict, evaluate, validation).
+    The backbone takes uint8 crops, channels_last. Traced with torch.fx, it is rewritten twice, exactly: the
+    normalisation goes into the first convolution's weights (Backbone), and in fp32 each BatchNorm is folded
+    into the convolution before it. In bf16 the BatchNorms stay, under autocast: folding first and rounding
+    the folded weights to bf16 ran 1.4x faster but cost 1.4 points of cross-validated accuracy (MobileNetV2,
+    MSLD, 6 fold seeds). Every pass that scores photos goes through here, so training, evaluate and predict
     compute the same numbers."""
     model.to(device)
-    backbone = Headless(model, precision)
-    if precision == 'fp32':
-        from torch.fx.experimental.optimization import fuse
-        with without_head(model):
-            try:
-                backbone = fuse(model)  # a headless copy, eval-mode conv+BatchNorm pairs folded
-            except Exception:  # a model torch.fx cannot trace: unfused, still correct
-                pass
-    backbone.to(memory_format=torch.channels_last)
+    from torch.fx.experimental.optimization import fuse
+    with without_head(model):
+        try:  # fuse() works on a copy; symbolic_trace shares the model's modules (Backbone copies what it edits)
+            graph = fuse(model) if precision == 'fp32' else torch.fx.symbolic_trace(model)
+        except Exception:  # a model torch.fx cannot trace: unfolded, still correct
+            graph = None
+    backbone = Backbone(graph, model, precision, pre).to(device)
     return backbone.eval(), model.get_submodule(head_name(model))
+
+
+class Backbone(nn.Module):
+    """A model's backbone for uint8 crops: x - 255 mean into a first convolution whose weights were divided by
+    255 std per input channel, which is the normalisation exactly (zero padding included: the padded value
+    is the mean in both), saving a pass over every crop. Used when the traced graph feeds the input straight
+    into a convolution; otherwise (or for a model torch.fx cannot trace) the input is normalised first."""
+
+    def __init__(self, graph, model, precision, pre):
+        super().__init__()
+        self.precision, self.pre, self.folded = precision, pre, False
+        self.net, self.model = graph, model
+        self.register_buffer('shift', 255 * torch.tensor(pre['mean']).view(1, -1, 1, 1), persistent=False)
+        if graph is not None:
+            users = list(next(n for n in graph.graph.nodes if n.op == 'placeholder').users)
+            conv = graph.get_submodule(users[0].target) if len(users) == 1 and users[0].op == 'call_module' else None
+            if isinstance(conv, nn.Conv2d) and conv.padding_mode == 'zeros':
+                conv = copy.deepcopy(conv)
+                with torch.no_grad():
+                    conv.weight.div_(255 * torch.tensor(pre['std'], device=conv.weight.device).view(1, -1, 1, 1))
+                graph.add_submodule(users[0].target, conv)
+                self.folded = True
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        x = x.float() - self.shift if self.folded else normalize(x, self.pre)
+        with autocast(x.device, self.precision):
+            if self.net is not None:
+                return self.net(x)
+            with without_head(self.model):
+                return self.model(x)
 
 
 def photo_loader(photos, views, pre, cfg, device, workers=True, **batching):
@@ -1111,11 +1141,12 @@ class Extractor:
                       'precision': self.precision, 'device': self.device.type, 'torch': str(torch.__version__),
                       'torchvision': torchvision.__version__, 'eval_transform': repr(eval_transform(self.pre)),
                       'train_transform': repr(train_transform(self.pre, cfg.crop_scale)),
-                      'inference': 'bf16 autocast; fp32 with batchnorm folded'}
+                      'inference': 'uint8 crops, normalisation folded; bf16 autocast, fp32 with batchnorm folded'}
         key = hashlib.sha256(json.dumps(self.about, sort_keys=True).encode()).hexdigest()[:16]
-        self.cache, self._model = FeatureCache(cfg.cache or None, key, self.about), None
+        self.cache, self._model, self._backbone = FeatureCache(cfg.cache or None, key, self.about), None, None
         self.backbone_calls = 0  # batches that went through the backbone (the tests count them)
-        self.crops, self.seconds = 0, 0.0  # crops computed, and the wall time it took (the benchmark reads it)
+        self.crops, self.seconds, self.backbone_seconds = 0, 0.0, 0.0  # crops computed, wall time, time in the backbone
+        self.setup_seconds = 0.0  # building the model and its inference form, once
 
     def model(self):
         """The pretrained model with a new head, frozen; built on first use."""
@@ -1146,12 +1177,23 @@ class Extractor:
     def _extract(self, photos, views):
         """Run this rank's share of the photos through the backbone, write its own cache packs (as it goes,
         and what it has on Ctrl-C), and share the results with the other ranks."""
+        start = time.perf_counter()
+        if self._backbone is None:  # built once, whatever the number of passes (training views, then validation)
+            self._backbone, _ = inference_model(self.model(), self.device, self.precision, self.pre)
         t0 = time.perf_counter()
-        backbone, _ = inference_model(self.model(), self.device, self.precision)
+        self.setup_seconds += t0 - start
+        backbone, most = self._backbone, max(map(len, views))
+        backbone = compiled(backbone, sum(map(len, views)), max(1, self.cfg.extract_batch_size // most) * most, self)
         failures, pending, own, last_flush = [], ([], []), ([], []), time.time()
+
+        def fn(x):  # timed apart from decoding, so that the time around the backbone can be told (benchmark)
+            start = time.perf_counter()
+            out = backbone(x).to(self.dtype).cpu()
+            self.backbone_seconds += time.perf_counter() - start
+            return out
         try:
-            for done, f, bad in run_batches(lambda x: backbone(x).to(self.dtype), photos, views, self.cfg, self.device,
-                                            self.pre, f'extract {self.cfg.arch} features'):
+            for done, f, bad in run_batches(fn, photos, views, self.cfg, self.device, self.pre,
+                                            f'extract {self.cfg.arch} features'):
                 failures += [[photos[i].path, reason] for i, reason in bad]
                 if f is None:
                     continue
@@ -1183,6 +1225,52 @@ class Extractor:
                 if r != RANKS.rank and feats is not None:
                     self.cache.rows.update(zip(keys, feats))
         return failures
+
+
+def compiled(backbone, crops, batch, extractor):
+    """The backbone through torch.compile when --compile says so: 'auto' compiles on CPUs for extractions long
+    enough to pay for it. Measured on a 2-core Xeon with AMX (ResNet101, batch 16, bf16), alone: compiling
+    took 44 s with a cold compile cache and 8 s with a warm one (PyTorch's on-disk caches) for a pass about
+    1.4x faster (30-40 against 45-50 ms a crop); in fp32 (oneDNN held to AVX2) 42 s and 6 s for about 1.3x.
+    Within a 2,000-photo run (tests/bench_speed.py) the cold compile cost about 80 s and saved 20 ms a crop.
+    So it pays from about 4,000 crops cold, 600 warm. Not on GPUs, where extraction waits on decoding. The
+    batch is fixed (the last one padded) so that one graph serves; any failure falls back to eager."""
+    cfg, device = extractor.cfg, extractor.device
+    key = hashlib.sha256(json.dumps([cfg.arch, extractor.precision, device.type, batch, str(torch.__version__),
+                                     backbone.folded]).encode()).hexdigest()[:16]
+    # PyTorch's compile caches (FX graphs, kernels) beside the features unless the user put them elsewhere; a
+    # marker beside them says whether this graph was compiled there before (the warm threshold applies)
+    folder = os.environ.get('TORCHINDUCTOR_CACHE_DIR') or (os.path.join(cfg.cache, 'compile') if cfg.cache else '')
+    folder = Path(folder).resolve() if folder else None
+    warm = bool(folder and (folder / f'compiled-{key}').exists())
+    if not (cfg.compile == 'always' or cfg.compile == 'auto' and compile_pays(crops, warm, device)):
+        return backbone
+    if folder:
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = str(folder)
+    say(f'compiling the backbone for {crops} crops (torch.compile, {"warm" if warm else "cold"} compile cache)')
+    fast = torch.compile(backbone, dynamic=False)
+
+    def fn(x):
+        nonlocal fast
+        if fast is not None:
+            try:
+                pad = x.new_zeros((batch - len(x),) + x.shape[1:]) if len(x) < batch else None
+                out = fast(x if pad is None else torch.cat([x, pad]).contiguous(memory_format=torch.channels_last))
+                if folder and not warm:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    (folder / f'compiled-{key}').touch()
+                return out[:len(x)]
+            except Exception as e:  # no compiler on this machine, an unsupported operator: eager is still right
+                warn(f'torch.compile failed ({str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__}); '
+                     'extracting without it')
+                fast = None
+        return backbone(x)
+    return fn
+
+
+def compile_pays(crops, warm, device):
+    """Whether compiling the backbone saves time overall (see `compiled`, where the numbers come from)."""
+    return device.type == 'cpu' and crops >= (600 if warm else 4000)
 
 
 class FeatureCache:
@@ -1609,8 +1697,9 @@ def finetune(run):
         if v.requires_grad and k not in run.best['state']:
             run.best['state'][k] = v.detach().clone()
     model.to(device).to(memory_format=torch.channels_last)
-    net = model if RANKS.world == 1 else nn.parallel.DistributedDataParallel(  # gradients averaged across ranks
-        model, device_ids=[device.index] if device.type == 'cuda' else None)
+    net = frozen_folded(model) if run.precision == 'fp32' else model
+    net = net if RANKS.world == 1 else nn.parallel.DistributedDataParallel(  # gradients averaged across ranks
+        net, device_ids=[device.index] if device.type == 'cuda' else None)
     optimizer = torch.optim.Adam([{'params': list(head.parameters()), 'lr': cfg.lr},
                                   {'params': [p for s in stages for p in s.parameters()], 'lr': cfg.backbone_lr}])
     # one sampler for one process or many: its seeded permutation makes the global batches the same
@@ -1639,7 +1728,7 @@ def finetune(run):
             bad = [err for _, _, err in batch if err]
             if bad:  # read fine moments ago, when its features were extracted
                 raise UserError(f'{bad[0]} (it changed during training); fix it and run again with --resume')
-            x = backbone_input(torch.cat([x for _, x, _ in batch]), device)
+            x = normalize(backbone_input(torch.cat([x for _, x, _ in batch]), device), pre)
             y = torch.tensor([photos[i].label for i, _, _ in batch], device=device)
             with autocast(device, run.precision):
                 logits = net(x).float()
@@ -1659,6 +1748,31 @@ def finetune(run):
     model.cpu()
 
 
+def frozen_folded(model):
+    """The model to fine-tune in fp32 with each frozen convolution + BatchNorm pair folded into one convolution
+    (exact: BatchNorm stays in inference mode), traced with torch.fx. The trainable stages are the model's
+    own modules, so the optimizer and the checkpoint see what training changes; a model torch.fx cannot
+    trace is used as it is."""
+    try:
+        graph = torch.fx.symbolic_trace(model)
+    except Exception:
+        return model
+    modules = dict(graph.named_modules())
+    for node in list(graph.graph.nodes):
+        conv = node.args[0] if node.op == 'call_module' and isinstance(modules[node.target], nn.BatchNorm2d) else None
+        if conv is None or conv.op != 'call_module' or not isinstance(modules[conv.target], nn.Conv2d) or \
+                len(conv.users) > 1 or any(p.requires_grad for p in [*modules[conv.target].parameters(),
+                                                                     *modules[node.target].parameters()]):
+            continue
+        name = conv.target.replace('.', '_') + '_folded'  # a module of its own: the model's stays as it is
+        graph.add_module(name, torch.nn.utils.fusion.fuse_conv_bn_eval(modules[conv.target], modules[node.target]))
+        conv.target = name
+        node.replace_all_uses_with(conv)
+        graph.graph.erase_node(node)
+    graph.recompile()
+    return graph
+
+
 def finetune_lr_factor(step, steps_per_epoch, epochs):
     """Learning-rate multiplier at a fine-tuning step: linear warm-up over the first epoch (Adam's first
     steps are large next to pretrained weights), then cosine decay to zero at the last step."""
@@ -1671,8 +1785,9 @@ def finetune_lr_factor(step, steps_per_epoch, epochs):
 def photo_logits(run, photos):
     """Logits of the whole model (as it is now) on the photos' evaluation view, in batches shared among
     the ranks."""
-    fn = classifier(run.model, run.device, run.precision, probs=False)
-    rows, failures = score_photos(fn, photos, run.cfg, run.device, preprocessing(run.cfg), 'validate')
+    pre = preprocessing(run.cfg)
+    rows, failures = score_photos(classifier(run.model, run.device, run.precision, pre, probs=False), photos, run.cfg,
+                                  run.device, pre, 'validate')
     if failures:  # read fine moments ago, when its features were extracted
         raise UserError(f'{failures[0][1]} (it changed during training); fix it and run again')
     return torch.tensor([rows[i] for i in range(len(photos))]) if photos else torch.zeros(0, 0)
@@ -1955,7 +2070,7 @@ def load_checkpoint(path, cfg):
 def checkpoint_probabilities(loaded, photos, cfg, desc):
     """Class probabilities of the photos by a loaded checkpoint, computed as its training computed them."""
     device = resolve_device(cfg.device)
-    fn = classifier(loaded.model, device, scoring_precision(cfg, loaded, device))
+    fn = classifier(loaded.model, device, scoring_precision(cfg, loaded, device), loaded.pre)
     return score_photos(fn, photos, cfg, device, loaded.pre, desc)
 
 
@@ -2223,7 +2338,7 @@ def grad_cam(model, path, target, pre):
 
     img = load_rgb(path)
     crop = T.Compose([T.Resize(pre['resize']), T.CenterCrop(pre['image_size'])])(img)
-    x = T.Compose([T.ToTensor(), T.Normalize(pre['mean'], pre['std'])])(crop)[None].to(next(model.parameters()).device)
+    x = normalize(T.PILToTensor()(crop)[None].to(next(model.parameters()).device), pre)
     flips = [(), (3,), (2,), (2, 3)]
     x = torch.cat([x.flip(dims) if dims else x for dims in flips])
     x.requires_grad_(True)  # the backbone is frozen: this makes its activations carry gradients
@@ -2531,6 +2646,8 @@ def build_parser():
                         help='backbone arithmetic; auto = bf16 where the hardware is fast at it')
     flag(common, '--workers', worker_count, 'image decoding processes (-1: auto)')
     flag(common, '--extract-batch-size', positive_int, 'crops per backbone pass')
+    common.add_argument('--compile', choices=('auto', 'always', 'never'), default=d['compile'],
+                        help='torch.compile the backbone for extraction (auto: when enough crops make it pay)')
 
     training = argparse.ArgumentParser(add_help=False)
     flag(training, '--data', str, 'class folders, or train/ + val/ folders')

@@ -1,6 +1,6 @@
 """Shared fixtures: synthetic photos made at test time, the real MSLD photos and ImageNet weights from
 ../shared when they are there, and two ways to run the tool: `cli` calls main() in this process (most
-tests), `script` runs `python monkeypox.py` as a user does (signals, exit codes of the real script)."""
+tests), `run_script` runs `python monkeypox.py` as a user does (signals, exit codes of the real script)."""
 import contextlib
 import io
 import os
@@ -19,7 +19,8 @@ MSLD = SHARED / 'data' / 'msld-v1'
 ARCHIVE = SHARED / 'data' / 'msld-v1-original-images.rar'
 MOBILENET_FILE = SHARED / 'weights' / 'mobilenet_v2-b0353104.pth'
 REQUIRE_SHARED = os.environ.get('MONKEYPOX_REQUIRE_SHARED') == '1'  # .ci/run sets it: real-data tests must run
-TINY = ('--arch', 'resnet18', '--weights', 'none', '--views', '1', '--no-plot')  # a quick, randomly initialised model
+TINY = ('--arch', 'resnet18', '--weights', 'none', '--views', '1', '--set', 'IMAGE_SIZE=112', '--set', 'RESIZE=128',
+        '--no-plot')  # a quick, randomly initialised model on a quarter of the pixels (TINY[:-1] draws plots)
 
 sys.path.insert(0, str(REPO))
 import monkeypox as mp  # noqa: E402
@@ -113,11 +114,6 @@ def run_script(*args, cwd=None, env=None, timeout=600, **kwargs):
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-@pytest.fixture
-def script():
-    return run_script
-
-
 @pytest.fixture(scope='session')
 def trained(tmp_path_factory):
     """A resnet18 (random weights) trained on synthetic photos, shared by the tests that only read it."""
@@ -127,6 +123,22 @@ def trained(tmp_path_factory):
                   '--views', '2', '--out', root / 'chk')
     assert r.returncode == 0, r.stderr
     return data, root / 'chk' / 'monkeypox_model.pkl'
+
+
+@pytest.fixture(scope='session')
+def msld_trained(msld, torch_home, tmp_path_factory):
+    """MobileNetV2 with its ImageNet weights trained with the defaults on the 228 MSLD photos (shared by the
+    tests that read it): (its output folder, train's stdout)."""
+    out = tmp_path_factory.mktemp('msld') / 'chk'
+    saved = os.environ.get('TORCH_HOME')
+    os.environ['TORCH_HOME'] = str(torch_home)
+    try:
+        r = call_main('train', '--data', msld, '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1', '--out', out,
+                      '--no-plot')
+    finally:
+        os.environ.pop('TORCH_HOME') if saved is None else os.environ.update(TORCH_HOME=saved)
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
 
 
 def one_line_error(r, *words):

@@ -7,8 +7,10 @@ It runs the tool as a user would, on the real MSLD photos with torchvision's Ima
 file (from DIR/data/msld-v1 and DIR/weights, laid out as ../shared is): train frozen and with
 --unfreeze, evaluate, cv, predict --explain, a 1-GPU torchrun (NCCL), and the extraction throughput
 of ResNet101 (random weights) next to the GPU's bf16 matrix-multiply peak measured in the same run.
-Each step prints one line (ok/FAILED, seconds, what it measured); a JSON summary and every step's
-output go to --out. Without CUDA it says so and exits 0. About 3 minutes on one H200.
+Then the large-set benchmark (tests/bench_speed.py --photos 2000) and the speed of decoding large JPEGs with
+Pillow, torchvision on the CPU and nvJPEG on the GPU. Each step prints one line (ok/FAILED, seconds, what
+it measured); a JSON summary and every step's output go to --out. Without CUDA it says so and exits 0.
+About 5 minutes on one H200.
 """
 import argparse
 import json
@@ -93,6 +95,10 @@ def main():
     step('throughput-resnet101', mp + ['train', '--data', msld, '--arch', 'resnet101', '--weights', 'none',
                                        '--views', '8', '--out', work / 'r101', '--no-plot', '--no-cache'],
          lambda s: {'crops_per_s': float(re.search(r'([\d.]+) crops/s', s).group(1))})
+    step('bench-2000-photos', [sys.executable, REPO / 'tests' / 'bench_speed.py', '--photos', '2000'],
+         lambda s: {'lines': [line.strip() for line in s.splitlines() if 'crops/s' in line]})
+    summary['decode_ms_per_photo'] = decode_speeds(torch)
+    print(f'decoding 400-800 px JPEGs, ms a photo: {summary["decode_ms_per_photo"]}', flush=True)
     if ckpt.exists():  # a checkpoint written on the GPU, for loading on a CPU elsewhere
         shutil.copy(ckpt, out / 'gpu_checkpoint.pkl')
     (out / 'gpu_check.json').write_text(json.dumps(summary, indent=1))
@@ -101,6 +107,32 @@ def main():
           + (f'; failed: {", ".join(failed)} (logs in {out})' if failed else ''))
     shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
+
+
+def decode_speeds(torch, n=200):
+    """ms a photo to decode n synthetic 400-800 px JPEGs: Pillow with the draft the tool uses (one core),
+    torchvision.io.decode_jpeg on one core, and decode_jpeg on the GPU (nvJPEG) in batches of 32."""
+    import torchvision.io as io
+    sys.path.insert(0, str(REPO))
+    import monkeypox as mp
+    from bench_speed import synthetic_photos
+    folder = Path(tempfile.mkdtemp(prefix='decode-'))
+    files = sorted(str(p) for p in synthetic_photos(n, folder).rglob('*.jpg'))
+    data = [io.read_file(f) for f in files]
+    torch.set_num_threads(1)
+    times = {}
+    for name, fn in (('pillow_draft_512', lambda: [mp.load_rgb(f, draft=512) for f in files]),
+                     ('decode_jpeg_cpu', lambda: [io.decode_jpeg(d) for d in data]),
+                     ('decode_jpeg_cuda', lambda: [io.decode_jpeg(data[i:i + 32], device='cuda')
+                                                   for i in range(0, len(data), 32)])):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times[name] = round((time.perf_counter() - t) / len(files) * 1e3, 3)
+    shutil.rmtree(folder, ignore_errors=True)
+    return times
 
 
 def matmul_peak(torch, n=8192):

@@ -1,5 +1,6 @@
 """Bad input gets a clear one-line answer, a non-zero exit code where the tool cannot go on, and loses
 nothing. Every bad file is built here, at test time, with Pillow or plain bytes."""
+import io
 import os
 import pickle
 import random
@@ -9,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -325,7 +327,8 @@ def earlier_run(tmp_path, cli, per_class):
 
 @pytest.mark.slow
 def test_ctrl_c_during_extraction_keeps_the_earlier_checkpoint_and_only_complete_cache_entries(tmp_path, cli):
-    data, out, before = earlier_run(tmp_path, cli, per_class=40)
+    _, out, before = earlier_run(tmp_path, cli, per_class=6)
+    data = make_dataset(tmp_path / 'big', per_class=40)  # 640 resnet50 crops: still extracting when stopped
     proc = start('train', '--data', data, '--out', out, '--arch', 'resnet50', '--weights', 'none', '--views', '8',
                  '--extract-batch-size', '4', '--no-plot')
     wait_for_line(proc, 'model: resnet50')
@@ -344,18 +347,31 @@ def test_ctrl_c_during_extraction_keeps_the_earlier_checkpoint_and_only_complete
         assert data_['digest'] == mp.FeatureCache.digest(data_['keys'], data_['features'])
 
 
+def sigterm_when(text, timeout=300):
+    """SIGTERM to this process once main(), running in it, has printed `text` (cli collects its stdout)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        out = sys.stdout
+        if isinstance(out, io.StringIO) and text in out.getvalue():
+            if signal.getsignal(signal.SIGTERM) is mp.stop_on_sigterm:  # main's handler, not the default's exit
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_sigterm_during_fine_tuning_saves_the_best_and_resume_finishes_like_an_uninterrupted_run(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=16)
-    args = ('--data', data, '--unfreeze', '1', '--epochs', '6', '--backbone-lr', '0.001', *TINY)
+    args = ('--data', data, '--unfreeze', '1', '--epochs', '4', '--backbone-lr', '0.001', *TINY)
     full = cli('train', *args, '--out', tmp_path / 'full')
     assert full.returncode == 0, full.stderr
-    proc = start('train', *args, '--out', tmp_path / 'cut')
-    wait_for_line(proc, 'finetune epoch   2/6')
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert 'interrupted' in stdout and 'resume with --resume' in stdout
+    # kill's SIGTERM, sent to this process while main() runs in it (Ctrl-C above is sent to a real script)
+    watcher = threading.Thread(target=sigterm_when, args=('finetune epoch   2/4',), daemon=True)
+    watcher.start()
+    cut = cli('train', *args, '--out', tmp_path / 'cut')
+    watcher.join()
+    assert cut.returncode == 130, cut.stderr
+    assert 'interrupted' in cut.stdout and 'resume with --resume' in cut.stdout
     assert no_temporary_files(tmp_path / 'cut')
     mp.load_checkpoint(str(tmp_path / 'cut' / 'monkeypox_model.pkl'), mp.parse_args(['evaluate']))
     resumed = cli('train', *args, '--out', tmp_path / 'cut', '--resume')

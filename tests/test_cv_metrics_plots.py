@@ -141,6 +141,7 @@ def assert_picture(path, size):
     assert np.asarray(img.convert('L'), dtype=float).std() > 5, f'{path} looks blank'
 
 
+@pytest.mark.slow
 def test_train_writes_curves_and_summary_and_evaluate_writes_confusion_roc_and_sheet(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=10)
     out = tmp_path / 'chk'
@@ -187,7 +188,7 @@ def disc_photo(rng, red_disc, size=256, margin=40):
 @pytest.mark.slow
 def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tmp_path, torch_home, cli):
     rng = np.random.default_rng(0)
-    for split, n in (('train', 40), ('val', 10)):
+    for split, n in (('train', 24), ('val', 6)):
         for name, red in (('Monkey Pox', True), ('Others', False)):
             (tmp_path / 'd' / split / name).mkdir(parents=True)
             for i in range(n):
@@ -198,7 +199,7 @@ def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tm
     cfg = mp.parse_args(['predict', 'x', '--device', 'cpu', '--precision', 'fp32'])
     loaded = mp.load_checkpoint(str(tmp_path / 'chk' / 'monkeypox_model.pkl'), cfg)
     photos = []
-    for i in range(40):
+    for i in range(20):
         img, disc = disc_photo(rng, True)
         img.save(tmp_path / f'test{i}.jpg', quality=92)
         photos.append((str(tmp_path / f'test{i}.jpg'), disc))
@@ -214,8 +215,8 @@ def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tm
             hits += 1
         else:
             misses.append((i, int(math.hypot(ix - x, iy - y)), radius))
-    print(f'Grad-CAM maximum inside the disc on {hits}/40 photos; misses (photo, distance, radius): {misses}')
-    assert hits >= 32  # 80%
+    print(f'Grad-CAM maximum inside the disc on {hits}/20 photos; misses (photo, distance, radius): {misses}')
+    assert hits >= 16  # 80%
 
 
 def test_predict_explain_draws_the_photo_beside_its_grad_cam_for_resnets_too(tmp_path, cli):
@@ -257,9 +258,10 @@ def test_cv_reports_folds_mean_std_and_pooled_metrics_with_the_keys_of_evaluate(
 
 
 @pytest.mark.slow
-def test_cv_on_real_photos_beats_chance_by_a_margin(msld, torch_home, tmp_path, cli):
+def test_cv_on_real_photos_beats_chance_by_a_margin(msld, msld_trained, torch_home, tmp_path, cli):
+    cache = msld_trained[0] / 'cache'  # train's features of the same photos: cv computes only what train did not
     r = cli('cv', '--data', msld, '--folds', '5', '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1',
-            '--out', tmp_path / 'chk', '--json', '--no-plot', env={'TORCH_HOME': str(torch_home)})
+            '--out', tmp_path / 'chk', '--cache', cache, '--json', '--no-plot', env={'TORCH_HOME': str(torch_home)})
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     print('real-data 5-fold cv mean:', {k: round(report['mean'][k], 3) for k in

@@ -158,6 +158,7 @@ def test_offline_the_default_run_names_both_fixes_and_leaves_nothing_behind(tmp_
 
 # --- fine-tuning -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch, unfreeze, trainable', [
     ('resnet18', 1, ('layer4.', 'fc.')),
     ('mobilenet_v2', 2, ('features.17.', 'features.18.', 'classifier.')),
@@ -179,9 +180,11 @@ def test_fine_tuning_changes_only_the_unfrozen_stages_and_the_head(tmp_path, cli
 
 
 @pytest.mark.slow
-def test_short_real_photo_fine_tuning_beats_the_frozen_heads_validation_loss(msld, torch_home, tmp_path, cli):
-    r = cli('train', '--data', msld, '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1', '--unfreeze', '6',
-            '--epochs', '6', '--out', tmp_path / 'chk', '--no-plot', env={'TORCH_HOME': str(torch_home)})
+def test_short_real_photo_fine_tuning_beats_the_frozen_heads_validation_loss(msld, msld_trained, torch_home, tmp_path,
+                                                                             cli):
+    r = cli('train', '--data', msld, '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1', '--unfreeze', '3',
+            '--epochs', '2', '--out', tmp_path / 'chk', '--cache', msld_trained[0] / 'cache', '--no-plot',
+            env={'TORCH_HOME': str(torch_home)})  # the frozen head's features from the default run's cache
     assert r.returncode == 0, r.stderr
     history = torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)['history']
     frozen = min(h['val_loss'] for h in history if h['stage'] == 'head')

@@ -125,6 +125,7 @@ def test_bf16_features_agree_with_fp32_on_real_photos(msld, torch_home, tmp_path
     assert cos.mean() > 0.99 and cos.min() > 0.95, cos
 
 
+@pytest.mark.slow
 def test_cached_and_fresh_features_train_the_same_head(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=10)
     args = ('train', '--data', data, *TINY)
@@ -138,6 +139,7 @@ def test_cached_and_fresh_features_train_the_same_head(tmp_path, cli):
     assert torch.equal(heads[0], heads[1]) and torch.equal(heads[0], heads[2])
 
 
+@pytest.mark.slow
 def test_fp32_and_bf16_runs_predict_what_they_validated(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=8)
     for precision in ('fp32', 'bf16'):

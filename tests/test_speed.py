@@ -1,0 +1,84 @@
+"""Speed that changes no number: every rewrite of the backbone gives the plain model's features, compiling
+follows the measured threshold, and the benchmark runs (its timings live in the benchmark, not here)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import monkeypox as mp
+from conftest import REPO, script_env
+
+PRE = {'image_size': 224, 'resize': 256, 'mean': list(mp.MEAN), 'std': list(mp.STD)}
+
+
+def with_batchnorm_statistics(model, seed=0):
+    """ImageNet-like BatchNorm statistics (a fresh model's are 0 and 1, which any folding gets right)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'mobilenet_v2', pytest.param('vit_b_16', marks=pytest.mark.slow)])
+def test_the_inference_backbone_with_normalisation_and_batchnorm_folded_gives_the_plain_features(arch):
+    model = with_batchnorm_statistics(mp.build_model(arch, 2))
+    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), mp.without_head(model):
+        plain = model(mp.normalize(x, PRE))
+    backbone, _ = mp.inference_model(model, torch.device('cpu'), 'fp32', PRE)
+    with torch.inference_mode():
+        folded = backbone(x.contiguous(memory_format=torch.channels_last))
+    assert relative(folded, plain) < 1e-5
+    # ViT's input goes to shape checks before its first convolution: it is normalised first, not folded
+    assert backbone.folded == (arch != 'vit_b_16')
+
+
+def test_fine_tuning_folds_only_the_frozen_batchnorms_and_keeps_outputs_and_gradients():
+    model = with_batchnorm_statistics(mp.build_model('resnet18', 2))
+    mp.freeze(model, 1)  # layer4 and fc train
+    folded = mp.frozen_folded(model)
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 1, 0])
+    grads = []
+    for net in (model, folded):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    assert relative(folded(x), model(x)) < 1e-5
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith('layer4.') for k in grads[0])
+    for k in grads[0]:
+        assert relative(grads[1][k], grads[0][k]) < 1e-4, k
+    folded_names = [n for n, m in folded.named_children() if n.endswith('_folded')]
+    assert folded_names and not any(n.startswith('layer4') for n in folded_names)  # trainable BatchNorms stay
+    assert all(isinstance(model.get_submodule(n), torch.nn.BatchNorm2d) for n in ('bn1', 'layer1.0.bn1'))
+
+
+def test_compiling_follows_the_measured_threshold(tmp_path):
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    assert not mp.compile_pays(3999, False, cpu) and mp.compile_pays(4000, False, cpu)  # cold compile cache
+    assert not mp.compile_pays(599, True, cpu) and mp.compile_pays(600, True, cpu)  # warm
+    assert not mp.compile_pays(10 ** 6, True, cuda)  # extraction on a GPU waits on decoding
+    backbone, _ = mp.inference_model(mp.build_model('resnet18', 2), cpu, 'fp32', PRE)
+    for flag, crops in (('auto', 100), ('never', 10 ** 6)):
+        cfg = mp.parse_args(['train', '--compile', flag, '--device', 'cpu', '--cache', str(tmp_path)])
+        extractor = mp.Extractor(cfg, ['a', 'b'], mp.resolve_weights(cfg))
+        assert mp.compiled(backbone, crops, 16, extractor) is backbone  # the eager backbone, untouched
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_on_a_few_synthetic_photos():
+    r = subprocess.run([sys.executable, str(REPO / 'tests' / 'bench_speed.py'), '--photos', '8', '--arch',
+                        'mobilenet_v3_small', '--trials', '1'],
+                       capture_output=True, text=True, env=script_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'CPU flags:' in r.stdout and 'matmul peaks measured now' in r.stdout
+    assert r.stdout.count('crops/s (eager)') == 2 and 'too few crops to compile' in r.stdout  # cold, N/4
+    assert 'decoding and the rest' in r.stdout and 'peak RSS' in r.stdout
