@@ -9,6 +9,7 @@ stored features. A research and teaching tool for datasets of photos: it is not 
     python monkeypox.py train --help        # every setting below is also a flag
     python monkeypox.py evaluate            # metrics on photos the model never saw
     python monkeypox.py predict photo.jpg   # one line per photo, and a plot
+    python monkeypox.py export              # the model as one ONNX file, for runtimes outside PyTorch
 
 Reading map: each command, and the functions it runs (defined below in this order).
 
@@ -16,12 +17,14 @@ Reading map: each command, and the functions it runs (defined below in this orde
     train         prepare (read_dataset, split_photos, resolve_weights, Extractor.features -> run_batches)
                   -> Run -> fit (fit_head, then finetune with --unfreeze) -> Run.finish (checkpoint files)
     cv            prepare -> per fold: Run -> fit -> score on the unseen fold -> report
-    evaluate      load_checkpoint -> evaluation_photos -> score_photos (run_batches) -> metrics -> report
-    predict       collect_images -> load_checkpoint -> score_photos (run_batches) -> plot_predictions
+    evaluate      load_model -> evaluation_photos -> score_photos (run_batches) -> metrics -> report
+    predict       collect_images -> load_model -> score_photos (run_batches) -> plot_predictions
     download      fetch -> extract_rar -> layout_dataset
+    export        load_checkpoint -> onnx_graph -> onnx_metadata -> onnx_parity -> atomic_write
+                  (load_model is load_checkpoint, or load_onnx for a .onnx file: onnx_classifier scores)
 
 Sections: Settings, Commands, Data, Model, Inference, Features, Training, Metrics and reports,
-Checkpoints, Plots, Download, Files and processes, CLI and main.
+Checkpoints, ONNX, Plots, Download, Files and processes, CLI and main.
 """
 # ================================================================================================
 # Settings: edit them here, or override any of them with the flag named in its comment (those marked
@@ -230,7 +233,7 @@ def cv(cfg):
 def evaluate(cfg):
     """Metrics of a checkpoint on photos it never saw: its own validation photos on the flat dataset it was
     trained on, the test/ (or val/) folder of a split dataset, or any other folder whole."""
-    loaded = load_checkpoint(cfg.checkpoint, cfg)
+    loaded = load_model(cfg.checkpoint, cfg)
     photos, what = evaluation_photos(loaded, cfg)
     probs, failures = checkpoint_probabilities(loaded, photos, cfg, 'evaluate')
     report_skipped(failures)
@@ -253,7 +256,7 @@ def predict(cfg):
     """Classify photos: one line (or JSON object) per photo and a plot of them; unreadable ones are
     reported and skipped, and the exit code is 2 only when nothing could be predicted."""
     files, problems = collect_images(cfg.paths)
-    loaded = load_checkpoint(cfg.checkpoint, cfg) if files else None
+    loaded = load_model(cfg.checkpoint, cfg) if files else None
     results = []
     if files:
         probs, failures = checkpoint_probabilities(loaded, [Photo(f, -1, '') for f in files], cfg, 'predict')
@@ -311,6 +314,30 @@ def download(cfg, fix='fetch the file by hand and pass --url PATH'):
     say(f'{dest}: the 228 MSLD photos in train/ val/ test/ (split by patient, seed {cfg.seed}; {dest / "SPLIT.csv"}); '
         f'license CC BY-NC, see {dest / "LICENSE.txt"}')
     return dest
+
+
+def export(cfg):
+    """The whole model (backbone, head, softmax) as one self-contained ONNX file in fp32 with a dynamic batch
+    size, its classes, threshold and preprocessing in the file's metadata. The file is checked with
+    onnx.checker and its probabilities compared with PyTorch's before it is written (atomically)."""
+    onnx, ort = onnx_modules()
+    out = cfg.out or os.path.splitext(cfg.checkpoint)[0] + '.onnx'
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):  # say so before the minutes of exporting
+        raise UserError(f'cannot write {out}: {folder} is not a writable folder; choose another --out')
+    loaded = load_checkpoint(cfg.checkpoint, cfg)
+    model = onnx_graph(loaded, cfg.opset, onnx)
+    onnx.helper.set_model_props(model, onnx_metadata(loaded, cfg.checkpoint))
+    onnx.checker.check_model(model)
+    data = model.SerializeToString()
+    worst, what = onnx_parity(loaded, ort.InferenceSession(data, providers=['CPUExecutionProvider']), cfg)
+    if worst > 1e-4:
+        raise UserError(f'{out} not written: onnxruntime\'s probabilities differ from PyTorch\'s by up to {worst:.2g} '
+                        f'on {what} (the limit is 1e-4); try another --opset, or report it with --debug')
+    atomic_write(out, lambda f: f.write(data))
+    say(f'exported {out} ({len(data) / 1e6:.1f} MB, opset {cfg.opset}, {loaded.ckpt["arch"]}, classes '
+        f'{loaded.classes}): onnx.checker passed, onnxruntime agrees with PyTorch within {worst:.1g} on {what}')
+    return out
 
 
 # --- what train and cv share: their beginning, and the report cv shares with evaluate --------------
@@ -2035,12 +2062,13 @@ def read_resume(cfg, meta):
 
 @dataclasses.dataclass
 class Loaded:
-    model: nn.Module
+    model: nn.Module    # the PyTorch model (None for an exported ONNX file)
     ckpt: dict
     classes: list
     positive: int       # index of the screened class, or None
     pre: dict           # the preprocessing the model was trained with
     threshold: float    # the operating threshold it was trained for
+    session: object = None  # an onnxruntime session, for an exported file
 
 
 def load_checkpoint(path, cfg):
@@ -2068,10 +2096,19 @@ def load_checkpoint(path, cfg):
 
 
 def checkpoint_probabilities(loaded, photos, cfg, desc):
-    """Class probabilities of the photos by a loaded checkpoint, computed as its training computed them."""
+    """Class probabilities of the photos by a loaded checkpoint, computed as its training computed them, or
+    by an exported ONNX file, run by onnxruntime on the CPU: the same loop, another model."""
+    if loaded.session is not None:
+        return score_photos(onnx_classifier(loaded.session, loaded.pre), photos, cfg, torch.device('cpu'), loaded.pre,
+                            desc)
     device = resolve_device(cfg.device)
     fn = classifier(loaded.model, device, scoring_precision(cfg, loaded, device), loaded.pre)
     return score_photos(fn, photos, cfg, device, loaded.pre, desc)
+
+
+def load_model(path, cfg):
+    """What predict and evaluate score with: a checkpoint, or an ONNX file that `export` wrote."""
+    return load_onnx(path, cfg) if str(path).lower().endswith('.onnx') else load_checkpoint(path, cfg)
 
 
 def bare_state_dict_checkpoint(state, path, cfg):
@@ -2159,6 +2196,114 @@ def write_summary(history, path):
         w.writerows(history)
         f.write(text.getvalue().encode())
     atomic_write(path, write)
+
+
+# ================================================================================================
+# ONNX: the model for runtimes outside PyTorch (onnxruntime on servers, phones and in browsers)
+
+ONNX_FORMAT = 'monkeypox.py onnx 1'
+
+
+def onnx_modules():
+    """onnx and onnxruntime, imported only on the paths that need them (train does not pay for them)."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise UserError(f'ONNX export and scoring need onnx, onnxruntime and onnxscript ({e.name} is missing): '
+                        'pip install -r requirements.txt') from e
+    onnxruntime.set_default_logger_severity(3)
+    return onnx, onnxruntime
+
+
+def onnx_graph(loaded, opset, onnx):
+    """torch.onnx.export of the model and a softmax on normalised fp32 images, batch size free, weights inside
+    the one file (this torch writes them beside it by default: a single file is what atomic writing, the
+    checksum and the truncation checks need)."""
+    net = nn.Sequential(loaded.model.float().eval(), nn.Softmax(1))
+    size = loaded.pre['image_size']
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+        warnings.simplefilter('ignore')
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):  # the exporter's chatter
+            torch.onnx.export(net, (torch.zeros(2, 3, size, size),), os.path.join(tmp, 'model.onnx'),
+                              input_names=['image'], output_names=['probabilities'], opset_version=opset,
+                              dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=4096)},), external_data=False)
+        return onnx.load(os.path.join(tmp, 'model.onnx'))
+
+
+def onnx_metadata(loaded, checkpoint):
+    """What the file says of itself (metadata_props): enough to reproduce its probabilities anywhere."""
+    pre = loaded.pre
+    return {'monkeypox.format': ONNX_FORMAT, 'classes': json.dumps(loaded.classes),
+            'positive_class': loaded.classes[loaded.positive] if loaded.positive is not None else '',
+            'threshold': repr(float(loaded.threshold)), 'arch': loaded.ckpt['arch'],
+            'preprocess': json.dumps({
+                **pre, 'input': 'image: float32 [batch, 3, image_size, image_size], RGB, (pixel / 255 - mean) / std',
+                'output': 'probabilities: [batch, classes], in the order of classes',
+                'decode': 'JPEG decoded by Pillow in draft mode at the smallest 1/2, 1/4 or 1/8 scale keeping both '
+                          'sides >= resize (Image.draft("RGB", (resize, resize))); EXIF rotation applied; RGB',
+                'resize': pre['resize'], 'resize_how': 'shorter side to resize, bilinear with antialiasing '
+                                                      '(torchvision Resize on a PIL image)',
+                'crop': 'centre crop of image_size x image_size'}),
+            'checkpoint_sha256': sha256_file(checkpoint), 'torch': str(torch.__version__),
+            'torchvision': torchvision.__version__, 'temperature': repr((loaded.ckpt.get('head') or {}).get(
+                'temperature', 1.0)), 'not_a_diagnosis': NOT_A_DIAGNOSIS}
+
+
+def onnx_parity(loaded, session, cfg):
+    """The largest difference between onnxruntime's and PyTorch's fp32 probabilities, and on what: the --check
+    photos, else the checkpoint's validation photos still on disk, else synthetic crops."""
+    split = loaded.ckpt.get('split') or {}
+    paths = cfg.check or [p for p in (os.path.join(split.get('root', ''), r) for r in split.get('val', [])[:16])
+                          if os.path.isfile(p)]
+    fp32 = classifier(loaded.model, torch.device('cpu'), 'fp32', loaded.pre)
+    if paths:
+        photos = [Photo(p, -1, '') for p in paths]
+        single = argparse.Namespace(**{**vars(cfg), 'workers': 0, 'device': 'cpu'})
+        a, failed = score_photos(fp32, photos, single, torch.device('cpu'), loaded.pre, 'check')
+        b, _ = score_photos(onnx_classifier(session, loaded.pre), photos, single, torch.device('cpu'), loaded.pre,
+                            'check')
+        if failed:
+            raise UserError(f'--check: {failed[0][1]}')
+        return max(abs(u - v) for i in a for u, v in zip(a[i], b[i])), f'{len(a)} photos'
+    size = loaded.pre['image_size']
+    x = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        return (fp32(x) - onnx_classifier(session, loaded.pre)(x)).abs().max().item(), '8 synthetic crops'
+
+
+def onnx_classifier(session, pre):
+    """A batch of uint8 crops -> probabilities, by onnxruntime: the loop's model, from another runtime."""
+    return lambda x: torch.from_numpy(session.run(None, {'image': normalize(x, pre).contiguous().numpy()})[0])
+
+
+def load_onnx(path, cfg):
+    """An ONNX file that `export` wrote, for predict and evaluate: an onnxruntime session on the CPU, with the
+    classes, threshold and preprocessing its metadata carries."""
+    if getattr(cfg, 'explain', False):
+        raise UserError('--explain draws Grad-CAM, which needs the PyTorch checkpoint: pass it as --checkpoint')
+    if cfg.precision == 'bf16' or cfg.device not in ('auto', 'cpu') or RANKS.world > 1:
+        raise UserError(f'{path}: an ONNX file runs in fp32 on the CPU, in one process; drop --precision bf16, '
+                        '--device cuda and torchrun, or score the PyTorch checkpoint')
+    onnx, ort = onnx_modules()
+    if not os.path.isfile(path):
+        raise UserError(f'ONNX file {path} does not exist; write one with `python monkeypox.py export`')
+    try:
+        model = onnx.load(path)
+        onnx.checker.check_model(model)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
+        raise UserError(f'{path} is not a readable ONNX file ({first}): truncated or not ONNX; export it again') from e
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get('monkeypox.format') != ONNX_FORMAT:
+        raise UserError(f'{path} is an ONNX model without this tool\'s metadata (classes, threshold, preprocessing); '
+                        'export the checkpoint with `python monkeypox.py export`')
+    classes, pre = json.loads(meta['classes']), json.loads(meta['preprocess'])
+    session = ort.InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider'])
+    return Loaded(None, {'arch': meta['arch'], 'epoch': None, 'precision': 'fp32'}, classes,
+                  classes.index(meta['positive_class']) if meta['positive_class'] in classes else None,
+                  {k: pre[k] for k in ('image_size', 'resize', 'mean', 'std')}, float(meta['threshold']), session)
 
 
 # ================================================================================================
@@ -2718,6 +2863,12 @@ def build_parser():
     flag(p, '--url', str, 'where the authors\' archive is (URL or file)', default=d['archive_url'], metavar='URL')
     p.add_argument('--force', action='store_true', help='replace a non-empty --dest')
     flag(p, '--seed', int, 'the patient-grouped split')
+    p = command('export', [general], 'the model as one ONNX file, for runtimes outside PyTorch')
+    flag(p, '--checkpoint', str, 'checkpoint written by train', metavar='FILE')
+    flag(p, '--out', str, 'the .onnx file (default: the checkpoint\'s name, .onnx)', default='', metavar='FILE')
+    flag(p, '--opset', positive_int, 'ONNX opset', default=18)
+    p.add_argument('--check', nargs='+', metavar='PHOTO', default=[],
+                   help='photos to compare onnxruntime with PyTorch on (default: the validation photos)')
     p = command('cv', [training, common, output], 'cross-validation by patient: the accuracy to quote')
     flag(p, '--folds', fold_count, 'folds, whole patients at a time')
     return parser, d
@@ -2775,7 +2926,7 @@ def apply_settings(cfg, parser):
 
 
 COMMANDS = {'run': run_default, 'train': train, 'evaluate': evaluate, 'predict': predict, 'cv': cv,
-            'download': download}
+            'download': download, 'export': export}
 
 
 def main(argv=None):
