@@ -219,6 +219,8 @@ def large(args, env, peaks, gflop):
         for label, photos in (('cold compile cache', data), ('warm compile cache', data), ('N/4 photos', quarter)):
             if label.startswith('warm') and not rows[0][-1]:
                 continue  # too few crops to compile: a second run would time the same thing again
+            if label.startswith('N/4') and args.photos < 40:
+                continue  # a handful of photos says nothing of how memory grows
             out = work / f'out{len(rows)}'
             seconds, rss, text = run_rss([sys.executable, SCRIPT, 'train', '--data', photos, '--out', out,
                                           '--cache', out / 'cache', *common], env)
@@ -234,7 +236,8 @@ def large(args, env, peaks, gflop):
                   f'{rest:.1f} ms ({share:.0%}); {rate * gflop:.0f} GFLOP/s = {rate * gflop / peaks["float32"]:.0%} '
                   f'of the fp32 peak, {rate * gflop / peaks["bfloat16"]:.0%} of the bf16 peak; peak RSS {rss:.0f} MB')
         print(f'  crops/s are over the whole extraction, decoding and compiling included (precision {precision})'
-              + ('' if rows[0][-1] else '; too few crops to compile (see COMPILE), so no warm-cache run'))
+              + ('' if rows[0][-1] else '; too few crops to compile (see COMPILE), so no warm-cache run')
+              + ('; too few photos to compare memory at N/4' if args.photos < 40 else ''))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

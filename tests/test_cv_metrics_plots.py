@@ -193,7 +193,7 @@ def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tm
             (tmp_path / 'd' / split / name).mkdir(parents=True)
             for i in range(n):
                 disc_photo(rng, red)[0].save(tmp_path / 'd' / split / name / f'P{i}_1.jpg', quality=92)
-    r = cli('train', '--data', tmp_path / 'd', '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1',
+    r = cli('train', '--data', tmp_path / 'd', '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1', '--views', '1',
             '--out', tmp_path / 'chk', '--no-plot', '--no-cache', env={'TORCH_HOME': str(torch_home)})
     assert r.returncode == 0, r.stderr
     cfg = mp.parse_args(['predict', 'x', '--device', 'cpu', '--precision', 'fp32'])

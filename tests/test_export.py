@@ -16,14 +16,15 @@ ort = pytest.importorskip('onnxruntime')
 
 
 @pytest.fixture(scope='module')
-def exported(msld, msld_trained, tmp_path_factory):
-    """MobileNetV2 trained on the 228 MSLD photos, exported once: (photos, checkpoint, .onnx file)."""
-    checkpoint = msld_trained[0] / 'monkeypox_model.pkl'
+def exported(trained, tmp_path_factory):
+    """The shared trained resnet18, exported once: (photos, checkpoint, .onnx file). The same check on the
+    228 MSLD photos with a trained MobileNetV2 is in the README (largest difference 1.5e-6)."""
+    data, checkpoint = trained
     out = tmp_path_factory.mktemp('onnx') / 'model.onnx'
     r = call_main('export', '--checkpoint', checkpoint, '--out', out)
     assert r.returncode == 0, r.stderr
-    assert 'onnx.checker passed' in r.stdout and '16 photos' in r.stdout  # its validation photos, still on disk
-    return msld, checkpoint, out
+    assert 'onnx.checker passed' in r.stdout and ' photos' in r.stdout  # compared on its validation photos
+    return data, checkpoint, out
 
 
 def predictions(cli, paths, checkpoint):
@@ -33,13 +34,12 @@ def predictions(cli, paths, checkpoint):
 
 
 @pytest.mark.slow
-def test_onnx_scores_the_228_msld_photos_as_the_checkpoint_does(exported, cli):
+def test_predict_from_the_onnx_file_gives_the_checkpoints_probabilities(exported, cli):
     data, checkpoint, onnx_file = exported
     a, b = predictions(cli, [data], checkpoint), predictions(cli, [data], onnx_file)
-    assert a.keys() == b.keys() and len(a) == 228
-    worst = max(abs(a[k]['probabilities'][c] - b[k]['probabilities'][c]) for k in a for c in a[k]['probabilities'])
-    print(f'largest difference over {len(a)} MSLD photos: {worst:.2e}')
-    assert worst <= 1e-4 and all(a[k]['label'] == b[k]['label'] for k in a)
+    assert a.keys() == b.keys() and len(a) == 32
+    assert max(abs(a[k]['probabilities'][c] - b[k]['probabilities'][c]) for k in a for c in a[k]['probabilities']) <= 1e-4
+    assert all(a[k]['label'] == b[k]['label'] for k in a)
 
 
 @pytest.mark.slow
@@ -51,7 +51,7 @@ def test_the_onnx_file_is_one_file_that_describes_itself(exported):
     meta = {p.key: p.value for p in model.metadata_props}
     ckpt = torch.load(checkpoint, weights_only=True)
     assert json.loads(meta['classes']) == ckpt['classes'] and meta['positive_class'] == 'Monkey Pox'
-    assert float(meta['threshold']) == ckpt['threshold'] and meta['arch'] == 'mobilenet_v2'
+    assert float(meta['threshold']) == ckpt['threshold'] and meta['arch'] == 'resnet18'
     pre = json.loads(meta['preprocess'])
     assert {k: pre[k] for k in ('image_size', 'resize', 'mean', 'std')} == ckpt['preprocess']
     assert 'draft' in pre['decode'] and 'bilinear' in pre['resize_how']

@@ -80,5 +80,6 @@ def test_the_benchmark_runs_on_a_few_synthetic_photos():
                        capture_output=True, text=True, env=script_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'CPU flags:' in r.stdout and 'matmul peaks measured now' in r.stdout
-    assert r.stdout.count('crops/s (eager)') == 2 and 'too few crops to compile' in r.stdout  # cold, N/4
+    assert r.stdout.count('crops/s (eager)') == 1  # at 8 photos, neither a warm compile cache nor N/4 is run:
+    assert 'too few crops to compile' in r.stdout and 'too few photos to compare memory' in r.stdout  # they say so
     assert 'decoding and the rest' in r.stdout and 'peak RSS' in r.stdout
