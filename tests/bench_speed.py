@@ -242,7 +242,7 @@ def large(args, env, peaks, gflop):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--data', default=str(SHARED / 'data' / 'msld-v1'), help='photos in class folders')
@@ -257,7 +257,7 @@ def main():
     p.add_argument('--trials', type=int, default=5, help='best of how many matmuls measures each peak')
     p.add_argument('--isa', choices=('native', 'avx2'), default='native', help='avx2: run as a CPU without bf16')
     p.add_argument('--original', action='store_true', help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.original:
         return original_loop(args)
     env = {**os.environ, 'PYTHONUNBUFFERED': '1'}

@@ -332,7 +332,7 @@ def test_ctrl_c_during_extraction_keeps_the_earlier_checkpoint_and_only_complete
     proc = start('train', '--data', data, '--out', out, '--arch', 'resnet50', '--weights', 'none', '--views', '8',
                  '--extract-batch-size', '4', '--no-plot')
     wait_for_line(proc, 'model: resnet50')
-    time.sleep(3)
+    time.sleep(1.5)  # into the extraction
     t = time.time()
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)

@@ -105,7 +105,7 @@ def test_a_killed_rank_fails_the_run_with_a_message_instead_of_hanging(tmp_path)
     for line in proc.stdout:
         if line.startswith('model: resnet50'):
             break
-    time.sleep(2)
+    time.sleep(1)
     victims = [p for p in children(proc.pid) if rank_of(p) == 1]
     assert victims, 'rank 1 not found'
     t = time.time()

@@ -90,7 +90,7 @@ def test_two_seeds_train_the_same_head_on_fixed_folders(fixed_folders, cli):
     for seed in ('0', '1'):
         out = root / f'seed{seed}'
         r = cli('train', '--data', root / 'd', '--arch', 'resnet18', '--weights', root / 'resnet18.pth', '--seed', seed,
-                '--out', out, '--no-plot')
+                '--out', out, '--no-plot', '--set', 'IMAGE_SIZE=112', '--set', 'RESIZE=128')
         assert r.returncode == 0, r.stderr
         r = cli('predict', root / 'd' / 'val', root / 'd' / 'test', '--checkpoint', out / 'monkeypox_model.pkl',
                 '--json', '--no-plot')

@@ -1,13 +1,10 @@
 """Speed that changes no number: every rewrite of the backbone gives the plain model's features, compiling
 follows the measured threshold, and the benchmark runs (its timings live in the benchmark, not here)."""
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import monkeypox as mp
-from conftest import REPO, script_env
 
 PRE = {'image_size': 224, 'resize': 256, 'mean': list(mp.MEAN), 'std': list(mp.STD)}
 
@@ -74,12 +71,11 @@ def test_compiling_follows_the_measured_threshold(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_benchmark_runs_on_a_few_synthetic_photos():
-    r = subprocess.run([sys.executable, str(REPO / 'tests' / 'bench_speed.py'), '--photos', '8', '--arch',
-                        'mobilenet_v3_small', '--trials', '1'],
-                       capture_output=True, text=True, env=script_env(), timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert 'CPU flags:' in r.stdout and 'matmul peaks measured now' in r.stdout
-    assert r.stdout.count('crops/s (eager)') == 1  # at 8 photos, neither a warm compile cache nor N/4 is run:
-    assert 'too few crops to compile' in r.stdout and 'too few photos to compare memory' in r.stdout  # they say so
-    assert 'decoding and the rest' in r.stdout and 'peak RSS' in r.stdout
+def test_the_benchmark_runs_on_a_few_synthetic_photos(capsys):
+    import bench_speed  # its main() in this process (torch is imported already); its `train` runs are processes
+    bench_speed.main(['--photos', '8', '--arch', 'mobilenet_v3_small', '--trials', '1'])
+    out = capsys.readouterr().out
+    assert 'CPU flags:' in out and 'matmul peaks measured now' in out
+    assert out.count('crops/s (eager)') == 1  # at 8 photos, neither a warm compile cache nor N/4 is run:
+    assert 'too few crops to compile' in out and 'too few photos to compare memory' in out  # they say so
+    assert 'decoding and the rest' in out and 'peak RSS' in out
