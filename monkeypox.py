@@ -379,9 +379,10 @@ def prepare(cfg, every_photo=False):
         report_skipped(bad + bad_val, listed_in='' if every_photo else 'the checkpoint (split.skipped)')
         drop_unreadable(split, bad + bad_val)
     ex = extractor
-    done = (f'{ex.crops} crops computed at {ex.crops / ex.seconds:.1f} crops/s (backbone {ex.backbone_seconds / ex.crops * 1e3:.1f}'
-            f' ms a crop, all else {(ex.seconds - ex.backbone_seconds) / ex.crops * 1e3:.1f}; model ready in '
-            f'{ex.setup_seconds:.1f}s)' if ex.crops else 'all from cache')
+    done = (f'{ex.crops} crops computed at {ex.crops / ex.seconds:.1f} crops/s (backbone '
+            f'{ex.backbone_seconds / ex.crops * 1e3:.1f} ms a crop, all else '
+            f'{(ex.seconds - ex.backbone_seconds) / ex.crops * 1e3:.1f}; model ready in {ex.setup_seconds:.1f}s)'
+            if ex.crops else 'all from cache')
     say(f'cv: {what}, {len(train_f.photos)} photos, {cfg.folds} folds by patient (seed {cfg.seed}); {cfg.arch}, '
         f'weights {spec.name}, features in {time.time() - t0:.1f}s' if every_photo else
         f'features: {len(split.train)}x{cfg.views} training views + {len(split.val)} validation photos, {done}, '
@@ -1276,20 +1277,22 @@ def compiled(backbone, crops, batch, extractor):
         os.environ['TORCHINDUCTOR_CACHE_DIR'] = str(folder)
     say(f'compiling the backbone for {crops} crops (torch.compile, {"warm" if warm else "cold"} compile cache)')
     fast = torch.compile(backbone, dynamic=False)
+    marker = folder / f'compiled-{key}' if folder and not warm else None  # written once the graph has run
 
     def fn(x):
-        nonlocal fast
+        nonlocal fast, marker
         if fast is not None:
             try:
                 pad = x.new_zeros((batch - len(x),) + x.shape[1:]) if len(x) < batch else None
                 out = fast(x if pad is None else torch.cat([x, pad]).contiguous(memory_format=torch.channels_last))
-                if folder and not warm:
-                    folder.mkdir(parents=True, exist_ok=True)
-                    (folder / f'compiled-{key}').touch()
+                if marker:
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    marker.touch()
+                    marker = None
                 return out[:len(x)]
             except Exception as e:  # no compiler on this machine, an unsupported operator: eager is still right
-                warn(f'torch.compile failed ({str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__}); '
-                     'extracting without it')
+                why = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
+                warn(f'torch.compile failed ({why}); extracting without it')
                 fast = None
         return backbone(x)
     return fn
@@ -2243,8 +2246,7 @@ def onnx_metadata(loaded, checkpoint):
                 'output': 'probabilities: [batch, classes], in the order of classes',
                 'decode': 'JPEG decoded by Pillow in draft mode at the smallest 1/2, 1/4 or 1/8 scale keeping both '
                           'sides >= resize (Image.draft("RGB", (resize, resize))); EXIF rotation applied; RGB',
-                'resize': pre['resize'], 'resize_how': 'shorter side to resize, bilinear with antialiasing '
-                                                      '(torchvision Resize on a PIL image)',
+                'resize_how': 'shorter side to resize, bilinear with antialiasing (torchvision Resize on a PIL image)',
                 'crop': 'centre crop of image_size x image_size'}),
             'checkpoint_sha256': sha256_file(checkpoint), 'torch': str(torch.__version__),
             'torchvision': torchvision.__version__, 'temperature': repr((loaded.ckpt.get('head') or {}).get(
@@ -2257,20 +2259,21 @@ def onnx_parity(loaded, session, cfg):
     split = loaded.ckpt.get('split') or {}
     paths = cfg.check or [p for p in (os.path.join(split.get('root', ''), r) for r in split.get('val', [])[:16])
                           if os.path.isfile(p)]
-    fp32 = classifier(loaded.model, torch.device('cpu'), 'fp32', loaded.pre)
+    fp32, ort = classifier(loaded.model, torch.device('cpu'), 'fp32', loaded.pre), onnx_classifier(session, loaded.pre)
+
+    def gap(x):  # both runtimes on the same crops, decoded once
+        return (fp32(x) - ort(x)).abs().amax(1)
     if paths:
-        photos = [Photo(p, -1, '') for p in paths]
         single = argparse.Namespace(**{**vars(cfg), 'workers': 0, 'device': 'cpu'})
-        a, failed = score_photos(fp32, photos, single, torch.device('cpu'), loaded.pre, 'check')
-        b, _ = score_photos(onnx_classifier(session, loaded.pre), photos, single, torch.device('cpu'), loaded.pre,
-                            'check')
+        rows, failed = score_photos(gap, [Photo(p, -1, '') for p in paths], single, torch.device('cpu'), loaded.pre,
+                                    'check')
         if failed:
             raise UserError(f'--check: {failed[0][1]}')
-        return max(abs(u - v) for i in a for u, v in zip(a[i], b[i])), f'{len(a)} photos'
+        return max(float(r) for r in rows.values()), f'{len(rows)} photos'
     size = loaded.pre['image_size']
     x = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        return (fp32(x) - onnx_classifier(session, loaded.pre)(x)).abs().max().item(), '8 synthetic crops'
+        return gap(x).max().item(), '8 synthetic crops'
 
 
 def onnx_classifier(session, pre):
@@ -2865,10 +2868,10 @@ def build_parser():
     flag(p, '--seed', int, 'the patient-grouped split')
     p = command('export', [general], 'the model as one ONNX file, for runtimes outside PyTorch')
     flag(p, '--checkpoint', str, 'checkpoint written by train', metavar='FILE')
-    flag(p, '--out', str, 'the .onnx file (default: the checkpoint\'s name, .onnx)', default='', metavar='FILE')
+    flag(p, '--out', str, 'the .onnx file (empty: the checkpoint\'s path, ending .onnx)', default='', metavar='FILE')
     flag(p, '--opset', positive_int, 'ONNX opset', default=18)
     p.add_argument('--check', nargs='+', metavar='PHOTO', default=[],
-                   help='photos to compare onnxruntime with PyTorch on (default: the validation photos)')
+                   help='photos to compare onnxruntime with PyTorch on (none: the checkpoint\'s validation photos)')
     p = command('cv', [training, common, output], 'cross-validation by patient: the accuracy to quote')
     flag(p, '--folds', fold_count, 'folds, whole patients at a time')
     return parser, d

@@ -58,16 +58,30 @@ def test_fine_tuning_folds_only_the_frozen_batchnorms_and_keeps_outputs_and_grad
     assert all(isinstance(model.get_submodule(n), torch.nn.BatchNorm2d) for n in ('bn1', 'layer1.0.bn1'))
 
 
-def test_compiling_follows_the_measured_threshold(tmp_path):
+def test_compiling_follows_the_measured_threshold(tmp_path, monkeypatch):
     cpu, cuda = torch.device('cpu'), torch.device('cuda')
     assert not mp.compile_pays(3999, False, cpu) and mp.compile_pays(4000, False, cpu)  # cold compile cache
     assert not mp.compile_pays(599, True, cpu) and mp.compile_pays(600, True, cpu)  # warm
     assert not mp.compile_pays(10 ** 6, True, cuda)  # extraction on a GPU waits on decoding
     backbone, _ = mp.inference_model(mp.build_model('resnet18', 2), cpu, 'fp32', PRE)
-    for flag, crops in (('auto', 100), ('never', 10 ** 6)):
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'compile'))  # compiled() points torch there
+    for flag, crops, compiles in (('auto', 100, False), ('never', 10 ** 6, False), ('auto', 4000, True),
+                                  ('always', 1, True)):
         cfg = mp.parse_args(['train', '--compile', flag, '--device', 'cpu', '--cache', str(tmp_path)])
         extractor = mp.Extractor(cfg, ['a', 'b'], mp.resolve_weights(cfg))
-        assert mp.compiled(backbone, crops, 16, extractor) is backbone  # the eager backbone, untouched
+        fn = mp.compiled(backbone, crops, 16, extractor)
+        assert (fn is not backbone) == compiles, (flag, crops)  # the eager backbone, untouched, or a wrapper
+    # compiling happens at the first batch, not here: nothing was compiled, so no marker claims a warm cache
+    assert not list((tmp_path / 'compile').glob('compiled-*'))
+
+
+def test_a_cpu_held_below_its_bf16_units_runs_fp32(monkeypatch):
+    cpu = torch.device('cpu')
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')  # how bench_speed.py --isa avx2 runs (bf16 would be emulated)
+    assert mp.resolve_precision('auto', cpu) == 'fp32'
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX512_CORE_AMX')
+    fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert mp.resolve_precision('auto', cpu) == ('bf16' if fast else 'fp32')
 
 
 @pytest.mark.slow
