@@ -193,10 +193,11 @@ def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tm
             (tmp_path / 'd' / split / name).mkdir(parents=True)
             for i in range(n):
                 disc_photo(rng, red)[0].save(tmp_path / 'd' / split / name / f'P{i}_1.jpg', quality=92)
+    int8 = ['--precision', 'int8'] if mp.int8_engine() else []  # explained through its int8 network, emulated
     r = cli('train', '--data', tmp_path / 'd', '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1', '--views', '1',
-            '--out', tmp_path / 'chk', '--no-plot', '--no-cache', env={'TORCH_HOME': str(torch_home)})
+            '--out', tmp_path / 'chk', '--no-plot', '--no-cache', *int8, env={'TORCH_HOME': str(torch_home)})
     assert r.returncode == 0, r.stderr
-    cfg = mp.parse_args(['predict', 'x', '--device', 'cpu', '--precision', 'fp32'])
+    cfg = mp.parse_args(['predict', 'x', '--device', 'cpu'])  # the checkpoint's precision
     loaded = mp.load_checkpoint(str(tmp_path / 'chk' / 'monkeypox_model.pkl'), cfg)
     photos = []
     for i in range(20):
@@ -205,10 +206,10 @@ def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tm
         photos.append((str(tmp_path / f'test{i}.jpg'), disc))
     probs, failures = mp.checkpoint_probabilities(loaded, [mp.Photo(path, 0, '') for path, _ in photos], cfg, 'test')
     assert not failures
-    hits, misses = 0, []
+    hits, misses, explain = 0, [], mp.grad_cam(loaded.model, loaded.pre, mp.explained_qparams(cfg, loaded))
     for i, (path, (x, y, radius)) in enumerate(photos):
         predicted = int(np.argmax(probs[i]))  # the class predict --explain shows
-        crop, heat = mp.grad_cam(loaded.model, path, predicted, loaded.pre)
+        crop, heat = explain(path, predicted)
         assert crop.shape[:2] == heat.shape == (224, 224) and heat.min() == 0 and heat.max() == pytest.approx(1)
         iy, ix = np.unravel_index(heat.argmax(), heat.shape)
         if math.hypot(ix - x, iy - y) <= radius:

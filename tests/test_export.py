@@ -3,6 +3,7 @@ evaluate take in place of the checkpoint; bad files are one-line errors."""
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ def exported(trained, tmp_path_factory):
     r = call_main('export', '--checkpoint', checkpoint, '--out', out)
     assert r.returncode == 0, r.stderr
     assert 'onnx.checker passed' in r.stdout and ' photos' in r.stdout  # compared on its validation photos
+    if torch.load(checkpoint, weights_only=True)['precision'] != 'fp32':  # int8 by default on x86 CPUs
+        assert re.search(r"note: .* trained on (int8|bf16) features; .*differ from predict's \(by up to ", r.stdout)
     return data, checkpoint, out
 
 
@@ -56,7 +59,7 @@ def test_the_onnx_file_is_one_file_that_describes_itself(exported):
     assert {k: pre[k] for k in ('image_size', 'resize', 'mean', 'std')} == ckpt['preprocess']
     assert 'draft' in pre['decode'] and 'bilinear' in pre['resize_how']
     assert meta['checkpoint_sha256'] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert meta['torch'] == str(torch.__version__)
+    assert meta['torch'] == str(torch.__version__) and meta['head_trained_on'] == f'{ckpt["precision"]} features'
     session = ort.InferenceSession(str(onnx_file), providers=['CPUExecutionProvider'])
     for batch in (1, 5):  # the batch size is free
         p = session.run(None, {'image': np.zeros((batch, 3, 224, 224), np.float32)})[0]
@@ -79,7 +82,8 @@ def test_what_onnx_cannot_do_is_refused_in_one_line(exported, cli):
     data, _, onnx_file = exported
     photo = next((data / 'Others').glob('*.jpg'))
     one_line_error(cli('predict', photo, '--checkpoint', onnx_file, '--explain'), 'Grad-CAM', 'PyTorch checkpoint')
-    one_line_error(cli('predict', photo, '--checkpoint', onnx_file, '--precision', 'bf16'), 'fp32 on the CPU')
+    one_line_error(cli('predict', photo, '--checkpoint', onnx_file, '--precision', 'bf16'), 'fp32 on the CPU',
+                   'drop --precision bf16')
 
 
 @pytest.mark.slow

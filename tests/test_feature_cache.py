@@ -1,6 +1,7 @@
 """The feature cache: reused, invalidated by exactly what determines the features, never trusted when
 damaged; bf16 features agree with fp32 ones; cached and fresh features train the same head."""
 import json
+import os
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ def config(tmp_path, *flags):
                           '--extract-batch-size', '8', '--cache', str(tmp_path / 'cache'), *flags])
 
 
-def extract(cfg, photos, views=('eval', 'train0')):
-    ex = mp.Extractor(cfg, ['Monkey Pox', 'Others'], mp.resolve_weights(cfg))
+def extract(cfg, photos, views=('eval', 'train0'), calibration=None):
+    ex = mp.Extractor(cfg, ['Monkey Pox', 'Others'], mp.resolve_weights(cfg),
+                      calibration=photos if calibration is None else calibration)
     features, failures = ex.features(photos, list(views))
     assert not failures
     return ex, features.x
@@ -46,8 +48,8 @@ def test_changing_what_determines_the_features_recomputes_them(tmp_path, photos,
     elif change == 'arch':
         cfg = config(tmp_path, '--arch', 'resnet34')
     else:
-        cfg = config(tmp_path, '--precision', 'fp32' if mp.resolve_precision('auto', torch.device('cpu')) == 'bf16'
-                     else 'bf16')
+        auto = mp.resolve_precision('auto', torch.device('cpu'), 'resnet18')
+        cfg = config(tmp_path, '--precision', 'fp32' if auto != 'fp32' else 'bf16')
     again, _ = extract(cfg, photos)
     assert again.crops == 2 * len(photos)
 
@@ -59,12 +61,13 @@ def test_changing_the_transform_recomputes(tmp_path, photos):
 
 
 def test_changing_one_photos_bytes_recomputes_only_that_photo(tmp_path, photos):
-    extract(config(tmp_path), photos)
+    # in fp32: in int8, a photo that calibrated the features changes them all (the next test)
+    extract(config(tmp_path, '--precision', 'fp32'), photos)
     from PIL import Image
     img = Image.open(photos[0].path).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     img.save(photos[0].path)
     _, fresh = mp.read_photos(str(tmp_path / 'd'))
-    again, _ = extract(config(tmp_path), fresh)
+    again, _ = extract(config(tmp_path, '--precision', 'fp32'), fresh)
     assert again.crops == 2  # its two views, nothing else
 
 
@@ -139,16 +142,47 @@ def test_cached_and_fresh_features_train_the_same_head(tmp_path, cli):
     assert torch.equal(heads[0], heads[1]) and torch.equal(heads[0], heads[2])
 
 
+@pytest.mark.skipif(not mp.int8_engine(), reason='int8 kernels are for x86 CPUs')
+def test_int8_features_are_keyed_by_their_calibration_photos_which_the_cache_keeps(tmp_path, photos):
+    cfg = config(tmp_path, '--precision', 'int8', '--set', 'CALIBRATION_PHOTOS=3')
+    first, x1 = extract(cfg, photos, calibration=photos[:4])
+    assert first.crops == 2 * len(photos) and first.qparams and (first.cache.dir / 'int8.json').exists()
+    again, x2 = extract(cfg, photos, calibration=photos[3::-1])  # the same photos in another order: the same 3
+    assert again.crops == 0 and torch.equal(x1, x2)
+    assert again.int8_calibration()['qparams'] == first.qparams and again._model is None  # read back, not rebuilt
+    other, _ = extract(cfg, photos, calibration=photos[4:])
+    assert other.crops == 2 * len(photos) and other.qparams != first.qparams
+
+
+def test_an_int8_checkpoint_is_scored_in_int8_where_it_can_be_else_in_fp32_with_a_note(monkeypatch, capsys):
+    cpu, ranges = torch.device('cpu'), {'int8': {'qparams': {'conv1.scale': 0.1}}}
+    int8, fp32 = (mp.Loaded(None, {'precision': p, **(ranges if p == 'int8' else {})}, ['a', 'b'], 0, {}, 0.5)
+                  for p in ('int8', 'fp32'))
+    auto = mp.parse_args(['predict', 'photo.jpg'])
+    assert mp.scoring_precision(auto, fp32, cpu) == 'fp32'
+    if mp.int8_engine():
+        assert mp.scoring_precision(auto, int8, cpu) == 'int8'
+        with pytest.raises(mp.UserError, match='needs a checkpoint trained in int8'):
+            mp.scoring_precision(mp.parse_args(['predict', 'photo.jpg', '--precision', 'int8']), fp32, cpu)
+    monkeypatch.setattr(mp, 'int8_engine', lambda: None)  # a CPU without x86 int8 kernels (ARM)
+    assert mp.scoring_precision(auto, int8, cpu) == 'fp32' and 'scoring in fp32' in capsys.readouterr().out
+
+
 @pytest.mark.slow
-def test_fp32_and_bf16_runs_predict_what_they_validated(tmp_path, cli):
+def test_fp32_bf16_and_int8_runs_predict_what_they_validated(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=8)
-    for precision in ('fp32', 'bf16'):
+    for precision in ('fp32', 'bf16') + (('int8',) if mp.int8_engine() else ()):
         out = tmp_path / precision
         r = cli('train', '--data', data, '--batch-size', '8', '--precision', precision, '--out', out,
                 *TINY)
         assert r.returncode == 0, r.stderr
         ckpt = torch.load(out / 'monkeypox_model.pkl', weights_only=True)
         assert ckpt['precision'] == precision
+        if precision == 'int8':  # the checkpoint carries its calibration, made on training photos only
+            assert ckpt['int8']['qparams'] and ckpt['int8']['engine'] == 'x86'
+            calibrated = {os.path.relpath(p, ckpt['split']['root']) for p in ckpt['int8']['photos']}
+            assert len(calibrated) == min(mp.CALIBRATION_PHOTOS, len(ckpt['split']['train']))
+            assert calibrated <= set(ckpt['split']['train'])
         m = json.loads(cli('evaluate', '--data', data, '--checkpoint', out / 'monkeypox_model.pkl',
                                          '--json', '--no-plot').stdout)  # auto: the checkpoint's precision
         assert m['balanced_accuracy'] == pytest.approx(ckpt['metrics']['balanced_accuracy'])

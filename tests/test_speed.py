@@ -58,16 +58,47 @@ def test_fine_tuning_folds_only_the_frozen_batchnorms_and_keeps_outputs_and_grad
     assert all(isinstance(model.get_submodule(n), torch.nn.BatchNorm2d) for n in ('bn1', 'layer1.0.bn1'))
 
 
+@pytest.mark.skipif(not mp.int8_engine(), reason='int8 kernels are for x86 CPUs')
+def test_an_int8_backbone_rebuilt_from_its_activation_ranges_is_the_calibrated_one_bit_for_bit():
+    cpu, g = torch.device('cpu'), torch.Generator().manual_seed(3)
+    model = with_batchnorm_statistics(mp.build_model('resnet18', 2))
+    calibration, x = (torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=g) for n in (6, 3))
+    calibrated, _ = mp.inference_model(model, cpu, 'int8', PRE, calibrate=lambda b: b(calibration))
+    rebuilt, _ = mp.inference_model(model, cpu, 'int8', PRE, qparams=calibrated.qparams)
+    fp32, _ = mp.inference_model(model, cpu, 'fp32', PRE)
+    with torch.inference_mode():
+        a, b, f = (net(x.contiguous(memory_format=torch.channels_last)) for net in (calibrated, rebuilt, fp32))
+    assert rebuilt.qparams == calibrated.qparams and torch.equal(a, b)
+    assert torch.nn.functional.cosine_similarity(a, f).min() > 0.98  # int8 is near, not equal
+    assert isinstance(model.conv1, torch.nn.Conv2d)  # the model itself stays fp32
+    with pytest.raises(mp.UserError, match='does not fit the int8 graph'):  # ranges of some other graph
+        mp.inference_model(model, cpu, 'int8', PRE, qparams={**calibrated.qparams, 'elsewhere.scale': 1.0})
+
+
+def test_auto_extracts_a_frozen_cnn_in_int8_on_x86_cpus_when_the_crops_repay_it(monkeypatch):
+    cpu, many = torch.device('cpu'), 10 ** 4
+    assert (mp.resolve_precision('auto', cpu, 'resnet101', many) == 'int8') == (mp.int8_engine() is not None)
+    assert mp.resolve_precision('auto', cpu, 'vit_b_16', many) != 'int8'  # attention models stay in bf16/fp32
+    assert mp.resolve_precision('auto', cpu, None, many) != 'int8'  # fine-tuning
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')  # no fast bf16: int8 from 200 crops (1,000 with it)
+    assert mp.resolve_precision('auto', cpu, 'resnet101', 199) == 'fp32'
+    assert mp.resolve_precision('auto', cpu, 'resnet101', 200) == ('int8' if mp.int8_engine() else 'fp32')
+    with pytest.raises(SystemExit):
+        mp.parse_args(['train', '--precision', 'int8', '--unfreeze', '1'])
+
+
 def test_compiling_follows_the_measured_threshold(tmp_path, monkeypatch):
     cpu, cuda = torch.device('cpu'), torch.device('cuda')
-    assert not mp.compile_pays(3999, False, cpu) and mp.compile_pays(4000, False, cpu)  # cold compile cache
-    assert not mp.compile_pays(599, True, cpu) and mp.compile_pays(600, True, cpu)  # warm
-    assert not mp.compile_pays(10 ** 6, True, cuda)  # extraction on a GPU waits on decoding
+    assert not mp.compile_pays(3999, False, cpu, 'fp32') and mp.compile_pays(4000, False, cpu, 'bf16')  # cold cache
+    assert not mp.compile_pays(599, True, cpu, 'fp32') and mp.compile_pays(600, True, cpu, 'fp32')  # warm
+    assert not mp.compile_pays(10 ** 6, True, cuda, 'bf16')  # extraction on a GPU waits on decoding
+    assert not mp.compile_pays(10 ** 6, True, cpu, 'int8')  # quantized kernels are the fast path already
     backbone, _ = mp.inference_model(mp.build_model('resnet18', 2), cpu, 'fp32', PRE)
     monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'compile'))  # compiled() points torch there
     for flag, crops, compiles in (('auto', 100, False), ('never', 10 ** 6, False), ('auto', 4000, True),
                                   ('always', 1, True)):
-        cfg = mp.parse_args(['train', '--compile', flag, '--device', 'cpu', '--cache', str(tmp_path)])
+        cfg = mp.parse_args(['train', '--compile', flag, '--device', 'cpu', '--cache', str(tmp_path), '--precision',
+                             'fp32'])
         extractor = mp.Extractor(cfg, ['a', 'b'], mp.resolve_weights(cfg))
         fn = mp.compiled(backbone, crops, 16, extractor)
         assert (fn is not backbone) == compiles, (flag, crops)  # the eager backbone, untouched, or a wrapper
