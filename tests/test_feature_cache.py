@@ -142,6 +142,7 @@ def test_cached_and_fresh_features_train_the_same_head(tmp_path, cli):
     assert torch.equal(heads[0], heads[1]) and torch.equal(heads[0], heads[2])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not mp.int8_engine(), reason='int8 kernels are for x86 CPUs')
 def test_int8_features_are_keyed_by_their_calibration_photos_which_the_cache_keeps(tmp_path, photos):
     cfg = config(tmp_path, '--precision', 'int8', '--set', 'CALIBRATION_PHOTOS=3')
