@@ -1353,6 +1353,8 @@ class Extractor:
         key = hashlib.sha256(json.dumps(self.about, sort_keys=True).encode()).hexdigest()[:16]
         self.cache, self._model, self._backbone = FeatureCache(cfg.cache or None, key, self.about), None, None
         self.qparams = self.cache.read_json('int8.json') if self.precision == 'int8' else None
+        if self.precision == 'int8' and RANKS.world > 1:  # caches can differ between machines: any rank's will do,
+            self.qparams = next((q for q in gather(self.qparams) if q is not None), None)  # so all calibrate or none
         self.backbone_calls = 0  # batches that went through the backbone (the tests count them)
         self.crops, self.seconds, self.backbone_seconds = 0, 0.0, 0.0  # crops computed, wall time, time in the backbone
         self.setup_seconds = 0.0  # building the model and its inference form, once
