@@ -1176,7 +1176,8 @@ def int8_pays(arch, crops):
     AVX2 (156 -> 88 ms) but only 25 against bf16 with AMX (45 -> 20 ms): it pays from about 200 crops
     without fast bf16, and is worth it from about 1,000 with it. MobileNetV2's grouped cross-validated
     balanced accuracy, paired over 15 folds: -0.008 (se 0.011) against fp32 (README, Precision)."""
-    families = ('resnet', 'resnext', 'wide_resnet', 'regnet', 'densenet', 'vgg', 'mobilenet', 'efficientnet')
+    families = ('resnet', 'resnext', 'wide_resnet', 'regnet', 'vgg', 'mobilenet', 'efficientnet')  # not DenseNet:
+    # its int8 concatenations join inputs quantized on different scales, which PyTorch warns is inaccurate
     return int8_engine() is not None and arch.startswith(families) and crops >= (1000 if fast_bf16() else 200)
 
 
@@ -1219,20 +1220,24 @@ def observed_graph(backbone):
 
 
 def observers(net):
+    """The graph's observers by name (the first of each one's names)."""
     from torch.ao.quantization.observer import ObserverBase
     return {name: mod for name, mod in net.named_modules() if isinstance(mod, ObserverBase)}
 
 
 def pin_observers(net, qparams, make):
     """Replace each observer of `net` by make(observer, scale, zero_point) with the scale and zero point
-    `qparams` gives it; refused when the names differ (a torch that builds the int8 graph otherwise)."""
+    `qparams` gives it, under every name it has (ops that pass their input's quantization on, pooling and
+    flattening, share their input's observer); refused when the names differ (a torch that builds the
+    int8 graph otherwise)."""
     found = observers(net)
     if set(found) != set(qparams):
         raise UserError('the int8 calibration this model carries does not fit the int8 graph this torch builds '
                         f'(torch {torch.__version__}); pass --precision fp32, or retrain with this torch')
-    for name, obs in found.items():
-        scale, zero = qparams[name]
-        net.set_submodule(name, make(obs, float(scale), int(zero)))
+    made = {id(obs): make(obs, float(qparams[name][0]), int(qparams[name][1])) for name, obs in found.items()}
+    for name, mod in list(net.named_modules(remove_duplicate=False)):
+        if id(mod) in made:
+            net.set_submodule(name, made[id(mod)])
 
 
 def fixed_observer(obs, scale, zero):
@@ -2724,7 +2729,7 @@ def grad_cam(model, pre, qparams=None):
     pins it to a cell centre). On red-disc photos the maximum falls inside the disc on 40/40 photos, 27/40
     without the two (tests/). A checkpoint trained on int8 features (`qparams`) is explained through its
     int8 network, emulated with gradients (int8_emulation): the fp32 network is not the one its head was
-    trained on (on those photos, with a MobileNetV2: 20/20 so, 8/20 through the fp32 network).
+    trained on (on those photos, with a MobileNetV2: 19/20 so, 8/20 through the fp32 network).
     Returns explain(path, class index) -> (the centre crop the model saw, a [0, 1] map), the network built once."""
     stage, device = backbone_stages(model)[-1], next(model.parameters()).device
     if qparams:
@@ -2767,15 +2772,22 @@ def grad_cam(model, pre, qparams=None):
 
 
 def stage_output(graph, model, stage):
-    """In a traced graph of `model`, the module whose output is the output of `stage` (one of the model's
-    submodules): the rounding after the stage's last node when int8 put one there, else that node's module."""
+    """In a traced graph of `model`, a module (an identity, added) whose output is the output of `stage`, one
+    of the model's submodules: after the rounding that follows the stage's last node when int8 put one
+    there. Its own module, because a rounding module is shared with the ops that pass its values on."""
     name = next(n for n, m in model.named_modules() if m is stage)
     last = [n for n in graph.graph.nodes if n.op == 'call_module' and (n.target == name or
                                                                        n.target.startswith(name + '.'))][-1]
     users = list(last.users)
     if len(users) == 1 and users[0].op == 'call_module' and isinstance(graph.get_submodule(users[0].target), FakeQuant):
         last = users[0]
-    return graph.get_submodule(last.target)
+    graph.add_submodule('stage_output', nn.Identity())
+    with graph.graph.inserting_after(last):
+        tap = graph.graph.call_module('stage_output', (last,))
+    last.replace_all_uses_with(tap)
+    tap.args = (last,)  # replace_all_uses_with rewired the tap itself too
+    graph.recompile()
+    return graph.get_submodule('stage_output')
 
 
 # ================================================================================================

@@ -74,6 +74,13 @@ def test_an_int8_backbone_rebuilt_from_its_activation_ranges_is_the_calibrated_o
     assert isinstance(model.conv1, torch.nn.Conv2d)  # the model itself stays fp32
     with pytest.raises(mp.UserError, match='does not fit the int8 graph'):  # ranges of some other graph
         mp.inference_model(model, cpu, 'int8', PRE, qparams={**calibrated.qparams, 'elsewhere.scale': 1.0})
+    # an observer shared by ops that pass their input's quantization on is pinned under every one of its names
+    with mp.without_head(model):
+        net = mp.observed_graph(mp.Backbone(torch.fx.symbolic_trace(model), model, 'int8', PRE))
+    names = [n for n, m in net.named_modules(remove_duplicate=False) if n in mp.observers(net) or 'post_process' in n]
+    assert len(names) > len(mp.observers(net))  # resnet18 has such aliases (its max pool, its average pool)
+    mp.pin_observers(net, calibrated.qparams, mp.fixed_observer)
+    assert all(type(net.get_submodule(n)).__name__ == 'FixedQParamsObserver' for n in names)
 
 
 def test_auto_extracts_a_frozen_cnn_in_int8_on_x86_cpus_when_the_crops_repay_it(monkeypatch):
