@@ -1215,8 +1215,10 @@ def observed_graph(backbone):
     from torch.ao.quantization.quantize_fx import prepare_fx
     torch.backends.quantized.engine = int8_engine() or torch.backends.quantized.engine
     size = backbone.pre['image_size']
-    return prepare_fx(copy.deepcopy(backbone.net), get_default_qconfig_mapping('x86'),
-                      (torch.zeros(1, 3, size, size),))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # deprecation notices, and reduce_range's
+        return prepare_fx(copy.deepcopy(backbone.net), get_default_qconfig_mapping('x86'),
+                          (torch.zeros(1, 3, size, size),))
 
 
 def observers(net):
