@@ -1039,7 +1039,14 @@ def fast_bf16():
 def scoring_precision(cfg, loaded, device):
     """--precision for evaluate and predict: auto means the checkpoint's own, so that they compute the numbers
     training validated: int8 with the checkpoint's calibration; fp32; bf16 unless this machine is not fast at
-    it. An int8 checkpoint where int8 cannot run (a GPU, a CPU without x86 int8 kernels) is scored in fp32."""
+    it. An int8 checkpoint where int8 cannot run (a GPU, a CPU without x86 int8 kernels) is scored in fp32.
+    Decided once per loaded model (its note printed once), whatever asks: the scores, then Grad-CAM."""
+    if loaded.scoring is None:
+        loaded.scoring = decide_scoring_precision(cfg, loaded, device)
+    return loaded.scoring
+
+
+def decide_scoring_precision(cfg, loaded, device):
     own = loaded.ckpt.get('precision')
     if cfg.precision == 'int8' and not loaded.ckpt.get('int8'):
         raise UserError(f'{cfg.checkpoint}: --precision int8 needs a checkpoint trained in int8 (it carries the '
@@ -1352,8 +1359,9 @@ class Extractor:
                       'train_transform': repr(train_transform(self.pre, cfg.crop_scale)),
                       'inference': 'uint8 crops, normalisation folded; bf16 autocast, fp32 with batchnorm folded'}
         # int8 features depend on the photos that calibrated them: their hashes are part of the key
-        self.calibration = calibration_photos(calibration, cfg.calibration_photos) if self.precision == 'int8' else []
+        self.calibration = []
         if self.precision == 'int8':
+            self.calibration = calibration_photos(calibration, cfg.calibration_photos)
             if not self.calibration:
                 raise UserError('--precision int8 needs training photos to calibrate on, and there are none')
             self.about['int8'] = {'engine': 'x86', 'calibration': [p.sha for p in self.calibration]}
@@ -2305,6 +2313,12 @@ class Loaded:
     pre: dict           # the preprocessing the model was trained with
     threshold: float    # the operating threshold it was trained for
     session: object = None  # an onnxruntime session, for an exported file
+    scoring: str = None     # the precision predict and evaluate compute in, decided once (scoring_precision)
+
+    @property
+    def qparams(self):
+        """The int8 activation ranges the checkpoint carries, or None."""
+        return (self.ckpt.get('int8') or {}).get('qparams')
 
 
 def load_checkpoint(path, cfg):
@@ -2338,15 +2352,14 @@ def checkpoint_probabilities(loaded, photos, cfg, desc):
         return score_photos(onnx_classifier(loaded.session, loaded.pre), photos, cfg, torch.device('cpu'), loaded.pre,
                             desc)
     device = resolve_device(cfg.device)
-    fn = classifier(loaded.model, device, scoring_precision(cfg, loaded, device), loaded.pre,
-                    qparams=(loaded.ckpt.get('int8') or {}).get('qparams'))
+    fn = classifier(loaded.model, device, scoring_precision(cfg, loaded, device), loaded.pre, qparams=loaded.qparams)
     return score_photos(fn, photos, cfg, device, loaded.pre, desc)
 
 
 def explained_qparams(cfg, loaded):
     """The int8 activation ranges Grad-CAM follows: the checkpoint's, when predict scores it in int8."""
     device = resolve_device(cfg.device)
-    return (loaded.ckpt.get('int8') or {}).get('qparams') if scoring_precision(cfg, loaded, device) == 'int8' else None
+    return loaded.qparams if scoring_precision(cfg, loaded, device) == 'int8' else None
 
 
 def load_model(path, cfg):
@@ -2502,11 +2515,10 @@ def onnx_parity(loaded, session, cfg):
     paths = cfg.check or [p for p in (os.path.join(split.get('root', ''), r) for r in split.get('val', [])[:16])
                           if os.path.isfile(p)]
     cpu, own = torch.device('cpu'), loaded.ckpt.get('precision')
-    qparams = (loaded.ckpt.get('int8') or {}).get('qparams')
     ort = onnx_classifier(session, loaded.pre)
     torch_runs = [classifier(loaded.model, cpu, 'fp32', loaded.pre)]
-    if own == 'bf16' or own == 'int8' and qparams and int8_engine():
-        torch_runs.append(classifier(loaded.model, cpu, own, loaded.pre, qparams=qparams))
+    if own == 'bf16' or own == 'int8' and loaded.qparams and int8_engine():
+        torch_runs.append(classifier(loaded.model, cpu, own, loaded.pre, qparams=loaded.qparams))
 
     def gap(x):  # the runtimes on the same crops, decoded once
         p = ort(x)

@@ -157,16 +157,21 @@ def test_int8_features_are_keyed_by_their_calibration_photos_which_the_cache_kee
 
 def test_an_int8_checkpoint_is_scored_in_int8_where_it_can_be_else_in_fp32_with_a_note(monkeypatch, capsys):
     cpu, ranges = torch.device('cpu'), {'int8': {'qparams': {'conv1.scale': 0.1}}}
-    int8, fp32 = (mp.Loaded(None, {'precision': p, **(ranges if p == 'int8' else {})}, ['a', 'b'], 0, {}, 0.5)
-                  for p in ('int8', 'fp32'))
+
+    def loaded(precision):
+        return mp.Loaded(None, {'precision': precision, **(ranges if precision == 'int8' else {})}, ['a', 'b'], 0, {},
+                         0.5)
     auto = mp.parse_args(['predict', 'photo.jpg'])
-    assert mp.scoring_precision(auto, fp32, cpu) == 'fp32'
+    assert mp.scoring_precision(auto, loaded('fp32'), cpu) == 'fp32'
+    assert loaded('int8').qparams == {'conv1.scale': 0.1} and loaded('fp32').qparams is None
     if mp.int8_engine():
-        assert mp.scoring_precision(auto, int8, cpu) == 'int8'
+        assert mp.scoring_precision(auto, loaded('int8'), cpu) == 'int8'
         with pytest.raises(mp.UserError, match='needs a checkpoint trained in int8'):
-            mp.scoring_precision(mp.parse_args(['predict', 'photo.jpg', '--precision', 'int8']), fp32, cpu)
+            mp.scoring_precision(mp.parse_args(['predict', 'photo.jpg', '--precision', 'int8']), loaded('fp32'), cpu)
     monkeypatch.setattr(mp, 'int8_engine', lambda: None)  # a CPU without x86 int8 kernels (ARM)
-    assert mp.scoring_precision(auto, int8, cpu) == 'fp32' and 'scoring in fp32' in capsys.readouterr().out
+    one = loaded('int8')
+    assert mp.scoring_precision(auto, one, cpu) == 'fp32' and mp.scoring_precision(auto, one, cpu) == 'fp32'
+    assert capsys.readouterr().out.count('scoring in fp32') == 1  # decided once: scores and Grad-CAM ask alike
 
 
 @pytest.mark.slow
