@@ -1264,7 +1264,10 @@ class FakeQuant(nn.Module):
         self.low, self.high = torch.iinfo(obs.dtype).min, torch.iinfo(obs.dtype).max
 
     def forward(self, x):
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero, self.low, self.high)
+        if x.requires_grad:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero, self.low, self.high)
+        # the same rounding, 3x faster than the fused op on CPU; before Grad-CAM's stage nothing needs gradients
+        return x.div(self.scale).round_().add_(self.zero).clamp_(self.low, self.high).sub_(self.zero).mul_(self.scale)
 
 
 def int8_emulation(backbone, qparams):
@@ -2340,6 +2343,7 @@ def load_checkpoint(path, cfg):
                         'do not match its head') from e
     except Exception as e:
         raise UserError(f'{path}: cannot rebuild {ckpt["arch"]} ({e}); this torchvision may lack it') from e
+    model.requires_grad_(False)  # for scoring: nothing in it trains (Grad-CAM's gradients start at a stage)
     pc = ckpt.get('positive_class')
     return Loaded(model, ckpt, classes, classes.index(pc) if pc in classes else None, preprocessing(cfg, ckpt),
                   ckpt.get('threshold', cfg.threshold))
@@ -2749,7 +2753,7 @@ def grad_cam(model, pre, qparams=None):
     if qparams:
         with without_head(model):
             backbone = int8_emulation(Backbone(torch.fx.symbolic_trace(model), model, 'int8', pre), qparams).to(device)
-        backbone.net.requires_grad_(True)  # a copy of the weights: this makes the activations carry gradients
+        backbone.net.requires_grad_(False)  # frozen: only the activations from the stage on carry gradients
         layer, head = stage_output(backbone.net, model, stage), model.get_submodule(head_name(model))
 
         def run(x):
@@ -2757,15 +2761,18 @@ def grad_cam(model, pre, qparams=None):
     else:
         layer = stage
 
-        def run(x):  # the backbone is frozen: a gradient on the input makes its activations carry gradients
-            return model(normalize(x, pre).requires_grad_(True))
+        def run(x):
+            return model(normalize(x, pre))
 
     def explain(path, target):
         saved = {}
 
         def hook(_, __, out):  # the last call wins: a module called twice (ResNet's relu) ends with the stage
-            saved['act'] = out
+            # The stage's output, cut from the frozen backbone before it as a leaf that takes gradients: the
+            # backward pass runs through the pooling and the head only (3x faster than to the input)
+            out = saved['act'] = out.detach().requires_grad_(True)
             out.register_hook(lambda g: saved.__setitem__('grad', g))
+            return out
 
         crop = T.Compose([T.Resize(pre['resize']), T.CenterCrop(pre['image_size'])])(load_rgb(path))
         x, flips = T.PILToTensor()(crop)[None], [(), (3,), (2,), (2, 3)]

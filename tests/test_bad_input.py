@@ -296,9 +296,21 @@ def test_debug_shows_the_traceback_for_bug_reports(tmp_path, cli):
 
 # --- runs stopped or failing halfway ---------------------------------------------------------------
 
-def start(*args, **kwargs):
+def start(*args, **kwargs):  # PYTHONFAULTHANDLER: SIGABRT prints where every thread is (see stop_within)
     return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=script_env(), **kwargs)
+                            stderr=subprocess.PIPE, text=True, env=script_env({'PYTHONFAULTHANDLER': '1'}), **kwargs)
+
+
+def stop_within(proc, seconds):
+    """(stdout, stderr) of `proc` once it exits; if that takes over `seconds`, the test fails with the
+    Python stacks of the stuck process, which say what it was waiting on."""
+    try:
+        return proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        stdout, stderr = proc.communicate(timeout=60)
+        raise AssertionError(f'still running {seconds} s after the signal; its stacks:\n{stderr[-6000:]}\n'
+                             f'its output:\n{stdout[-2000:]}') from None
 
 
 def wait_for_line(proc, text, timeout=300):
@@ -333,10 +345,8 @@ def test_ctrl_c_during_extraction_keeps_the_earlier_checkpoint_and_only_complete
                  '--extract-batch-size', '4', '--no-plot')
     wait_for_line(proc, 'model: resnet50')
     time.sleep(1.5)  # into the extraction
-    t = time.time()
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert time.time() - t < 10, 'took too long to stop'
+    stdout, stderr = stop_within(proc, 10)  # it stops within the batch it is in (1.5-2 s measured)
     assert proc.returncode == 130, stderr
     assert 'interrupted during feature extraction' in stdout and 'Traceback' not in stderr
     assert (out / 'monkeypox_model.pkl').read_bytes() == before
@@ -361,12 +371,12 @@ def sigterm_when(text, timeout=300):
 
 @pytest.mark.slow
 def test_sigterm_during_fine_tuning_saves_the_best_and_resume_finishes_like_an_uninterrupted_run(tmp_path, cli):
-    data = make_dataset(tmp_path / 'd', per_class=16)
-    args = ('--data', data, '--unfreeze', '1', '--epochs', '6', '--backbone-lr', '0.001', *TINY)
+    data = make_dataset(tmp_path / 'd', per_class=10)
+    args = ('--data', data, '--unfreeze', '1', '--epochs', '4', '--backbone-lr', '0.001', *TINY)
     full = cli('train', *args, '--out', tmp_path / 'full')
     assert full.returncode == 0, full.stderr
     # kill's SIGTERM, sent to this process while main() runs in it (Ctrl-C above is sent to a real script)
-    watcher = threading.Thread(target=sigterm_when, args=('finetune epoch   2/6',), daemon=True)  # 4 to spare
+    watcher = threading.Thread(target=sigterm_when, args=('finetune epoch   2/4',), daemon=True)  # 2 to spare
     watcher.start()
     cut = cli('train', *args, '--out', tmp_path / 'cut')
     watcher.join()
