@@ -1180,13 +1180,14 @@ def int8_pays(arch, crops):
     """Whether 'auto' extracts `arch`'s features in int8 for a run of `crops` crops: CNN families whose
     quantized graph was checked to build and run (attention models stay in bf16/fp32), on a CPU with int8
     kernels, when the crops repay calibrating and building the int8 graph. Measured for ResNet101 on 2
-    cores: that costs about 11 s (6 s of it the calibration), and saves 68 ms a crop against fp32 held to
-    AVX2 (156 -> 88 ms) but only 25 against bf16 with AMX (45 -> 20 ms): it pays from about 200 crops
-    without fast bf16, and is worth it from about 1,000 with it. MobileNetV2's grouped cross-validated
-    balanced accuracy, paired over 15 folds: -0.008 (se 0.011) against fp32 (README, Precision)."""
+    cores: that costs 8-11 s (4-5 s of it the calibration), and saves about 68 ms a crop against fp32 held
+    to AVX2 (156 -> 88 ms) and 30 against bf16 with AMX (50-60 -> 20-27 ms): it pays from about 200 crops
+    without fast bf16 and 300 with it (the 410 crops of `train` on the MSLD photos: 25.8 s against 31.2 s
+    cold, whole process, one run each). MobileNetV2's grouped cross-validated balanced accuracy, paired
+    over 15 folds: -0.008 (se 0.011) against fp32 (README, Precision)."""
     families = ('resnet', 'resnext', 'wide_resnet', 'regnet', 'vgg', 'mobilenet', 'efficientnet')  # not DenseNet:
     # its int8 concatenations join inputs quantized on different scales, which PyTorch warns is inaccurate
-    return int8_engine() is not None and arch.startswith(families) and crops >= (1000 if fast_bf16() else 200)
+    return int8_engine() is not None and arch.startswith(families) and crops >= (300 if fast_bf16() else 200)
 
 
 def quantize_int8(backbone, qparams=None, calibrate=None):
@@ -1460,20 +1461,21 @@ class Extractor:
     def _extract(self, photos, views):
         """Run this rank's share of the photos through the backbone, write its own cache packs (as it goes,
         and what it has on Ctrl-C), and share the results with the other ranks."""
-        start = time.perf_counter()
-        self.inference_backbone()
-        t0 = time.perf_counter()
-        self.setup_seconds += t0 - start
-        backbone, most = self._backbone, max(map(len, views))
-        backbone = compiled(backbone, sum(map(len, views)), max(1, self.cfg.extract_batch_size // most) * most, self)
         failures, pending, own, last_flush = [], ([], []), ([], []), time.time()
+        most, backbone = max(map(len, views)), None
 
         def fn(x):  # timed apart from decoding, so that the time around the backbone can be told (benchmark)
             start = time.perf_counter()
             out = backbone(x).to(self.dtype).cpu()
             self.backbone_seconds += time.perf_counter() - start
             return out
+        start = t0 = time.perf_counter()
         try:
+            self.inference_backbone()  # int8 calibrates here: a Ctrl-C then stops the extraction as any other
+            t0 = time.perf_counter()
+            self.setup_seconds += t0 - start
+            backbone = compiled(self._backbone, sum(map(len, views)),
+                                max(1, self.cfg.extract_batch_size // most) * most, self)
             for done, f, bad in run_batches(fn, photos, views, self.cfg, self.device, self.pre,
                                             f'extract {self.cfg.arch} features'):
                 failures += [[photos[i].path, reason] for i, reason in bad]
@@ -3122,7 +3124,7 @@ def build_parser():
     flag(common, '--device', device_name, 'auto, cpu, cuda or cuda:N')
     common.add_argument('--precision', choices=('auto', 'fp32', 'bf16', 'int8'), default=d['precision'],
                         help='backbone arithmetic; auto = a frozen CNN backbone in int8 on x86 CPUs when the crops '
-                             'repay its calibration (200 crops, 1,000 on CPUs fast at bf16), else bf16 where the '
+                             'repay its calibration (200 crops, 300 on CPUs fast at bf16), else bf16 where the '
                              'hardware is fast at it, else fp32')
     flag(common, '--workers', worker_count, 'image decoding processes (-1: auto)')
     flag(common, '--extract-batch-size', positive_int, 'crops per backbone pass')

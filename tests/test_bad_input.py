@@ -342,7 +342,7 @@ def test_ctrl_c_during_extraction_keeps_the_earlier_checkpoint_and_only_complete
     _, out, before = earlier_run(tmp_path, cli, per_class=6)
     data = make_dataset(tmp_path / 'big', per_class=40)  # 640 resnet50 crops: still extracting when stopped
     proc = start('train', '--data', data, '--out', out, '--arch', 'resnet50', '--weights', 'none', '--views', '8',
-                 '--extract-batch-size', '4', '--no-plot')
+                 '--extract-batch-size', '4', '--no-plot', '--precision', 'fp32')  # no int8 calibration first
     wait_for_line(proc, 'model: resnet50')
     time.sleep(1.5)  # into the extraction
     proc.send_signal(signal.SIGINT)

@@ -88,7 +88,10 @@ def test_auto_extracts_a_frozen_cnn_in_int8_on_x86_cpus_when_the_crops_repay_it(
     assert (mp.resolve_precision('auto', cpu, 'resnet101', many) == 'int8') == (mp.int8_engine() is not None)
     assert mp.resolve_precision('auto', cpu, 'vit_b_16', many) != 'int8'  # attention models stay in bf16/fp32
     assert mp.resolve_precision('auto', cpu, None, many) != 'int8'  # fine-tuning
-    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')  # no fast bf16: int8 from 200 crops (1,000 with it)
+    if mp.fast_bf16() and mp.int8_engine():  # int8 from 300 crops where bf16 is the alternative
+        assert mp.resolve_precision('auto', cpu, 'resnet101', 299) == 'bf16'
+        assert mp.resolve_precision('auto', cpu, 'resnet101', 300) == 'int8'
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')  # no fast bf16: int8 from 200 crops
     assert mp.resolve_precision('auto', cpu, 'resnet101', 199) == 'fp32'
     assert mp.resolve_precision('auto', cpu, 'resnet101', 200) == ('int8' if mp.int8_engine() else 'fp32')
     with pytest.raises(SystemExit):
