@@ -1290,7 +1290,7 @@ class FakeQuant(nn.Module):
     def forward(self, x):
         if x.requires_grad:
             return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero, self.low, self.high)
-        # the same rounding, 3x faster than the fused op on CPU; before Grad-CAM's stage nothing needs gradients
+        # onto the same grid, 3x faster than the fused op on CPU; before Grad-CAM's stage nothing needs gradients
         return x.div(self.scale).round_().add_(self.zero).clamp_(self.low, self.high).sub_(self.zero).mul_(self.scale)
 
 

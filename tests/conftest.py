@@ -27,8 +27,8 @@ import monkeypox as mp  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: over a few seconds (real photos, subprocesses, torchrun); '
-                                       'the fast subset is -m "not slow"')
+    config.addinivalue_line('markers', 'slow: 2 s or more on 2 cores (real photos, fine-tuning, cross-validation, '
+                                       'subprocesses, torchrun); the fast subset is -m "not slow"')
 
 
 # --- photos ----------------------------------------------------------------------------------------

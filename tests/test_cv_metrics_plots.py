@@ -220,6 +220,7 @@ def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tm
     assert hits >= 16  # 80%
 
 
+@pytest.mark.slow
 def test_predict_explain_draws_the_photo_beside_its_grad_cam_for_resnets_too(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=6)
     out = tmp_path / 'chk'
@@ -237,6 +238,7 @@ def test_predict_explain_draws_the_photo_beside_its_grad_cam_for_resnets_too(tmp
 
 # --- cross-validation ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cv_reports_folds_mean_std_and_pooled_metrics_with_the_keys_of_evaluate(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=15)
     r = cli('cv', '--data', data, '--folds', '3', '--arch', 'resnet18', '--weights', 'none',

@@ -84,6 +84,7 @@ def fixed_folders(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_two_seeds_train_the_same_head_on_fixed_folders(fixed_folders, cli):
     root = fixed_folders
     rows = []
@@ -102,6 +103,7 @@ def test_two_seeds_train_the_same_head_on_fixed_folders(fixed_folders, cli):
     assert agree >= 0.98 and gap <= 0.05, (agree, gap)
 
 
+@pytest.mark.slow
 def test_a_warm_run_reads_the_weight_decay_search_back(fixed_folders, cli):
     out = fixed_folders / 'warm'
     args = ('train', '--data', fixed_folders / 'd', '--arch', 'resnet18', '--weights', fixed_folders / 'resnet18.pth',

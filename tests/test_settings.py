@@ -64,6 +64,7 @@ def test_predict_and_evaluate_honour_workers_and_extract_batch_size(trained, cli
     assert max(max(made['sizes']) for made in loaders) == 3
 
 
+@pytest.mark.slow
 def test_fine_tuning_validation_honours_workers_and_extract_batch_size(tmp_path, cli, loaders):
     data = make_dataset(tmp_path / 'd', per_class=8)
     r = cli('train', '--data', data, '--unfreeze', '1', '--epochs', '1', '--out',
