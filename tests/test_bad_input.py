@@ -296,9 +296,13 @@ def test_debug_shows_the_traceback_for_bug_reports(tmp_path, cli):
 
 # --- runs stopped or failing halfway ---------------------------------------------------------------
 
-def start(*args, **kwargs):  # PYTHONFAULTHANDLER: SIGABRT prints where every thread is (see stop_within)
+def start(*args, **kwargs):
+    """The script as a terminal starts it. SIGINT gets its default action back: a shell ignores it in the
+    jobs it puts in the background (`bash .ci/run &`), Python then keeps ignoring it, and Ctrl-C tests would
+    time a process deaf to Ctrl-C. PYTHONFAULTHANDLER: SIGABRT prints where every thread is (stop_within)."""
     return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=script_env({'PYTHONFAULTHANDLER': '1'}), **kwargs)
+                            stderr=subprocess.PIPE, text=True, env=script_env({'PYTHONFAULTHANDLER': '1'}),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 def stop_within(proc, seconds):

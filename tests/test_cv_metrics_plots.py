@@ -269,5 +269,5 @@ def test_cv_on_real_photos_beats_chance_by_a_margin(msld, msld_trained, torch_ho
     report = json.loads(r.stdout)
     print('real-data 5-fold cv mean:', {k: round(report['mean'][k], 3) for k in
                                         ('accuracy', 'balanced_accuracy', 'sensitivity', 'specificity', 'auc')})
-    assert report['pooled']['n'] == 228
-    assert report['mean']['balanced_accuracy'] >= 0.65
+    assert report['pooled']['n'] == 228 - len(report['calibration_only'])  # int8 (x86): the calibration patients'
+    assert report['mean']['balanced_accuracy'] >= 0.65                   # photos train every fold, never scored
