@@ -2546,7 +2546,7 @@ def onnx_parity(loaded, session, cfg):
     cpu, own = torch.device('cpu'), loaded.ckpt.get('precision')
     ort = onnx_classifier(session, loaded.pre)
     torch_runs = [classifier(loaded.model, cpu, 'fp32', loaded.pre)]
-    if own == 'bf16' or own == 'int8' and loaded.qparams and int8_engine():
+    if own == 'bf16' or (own == 'int8' and loaded.qparams and int8_engine()):
         torch_runs.append(classifier(loaded.model, cpu, own, loaded.pre, qparams=loaded.qparams))
 
     def gap(x):  # the runtimes on the same crops, decoded once

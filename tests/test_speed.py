@@ -1,6 +1,7 @@
 """Speed that changes no number: every rewrite of the backbone gives the plain model's features, compiling
 follows the measured threshold, and the benchmark runs (its timings live in the benchmark, not here)."""
 
+import copy
 import pytest
 import torch
 
@@ -76,9 +77,25 @@ def test_an_int8_backbone_rebuilt_from_its_activation_ranges_is_the_calibrated_o
         mp.inference_model(model, cpu, 'int8', PRE, qparams={**calibrated.qparams, 'elsewhere.scale': 1.0})
     # an observer shared by ops that pass their input's quantization on is pinned under every one of its names
     with mp.without_head(model):
-        net = mp.observed_graph(mp.Backbone(torch.fx.symbolic_trace(model), model, 'int8', PRE))
+        backbone = mp.Backbone(torch.fx.symbolic_trace(model), model, 'int8', PRE)
+    net = mp.observed_graph(backbone)
     names = [n for n, m in net.named_modules(remove_duplicate=False) if n in mp.observers(net) or 'post_process' in n]
     assert len(names) > len(mp.observers(net))  # resnet18 has such aliases (its max pool, its average pool)
+    # the calibration's observers see flat views of the activations, and find PyTorch's own ranges to the bit
+    flat = mp.flat_histogram_observer()
+    histograms = [o for o in mp.observers(net).values() if isinstance(o, flat.__base__)]
+    assert histograms and all(type(o) is flat for o in histograms)
+    plain = copy.deepcopy(net)
+    for o in plain.modules():
+        if type(o) is flat:
+            o.__class__ = flat.__base__
+    ranges = []
+    for graph in (net, plain):
+        backbone.net = graph  # the same Backbone: the normalisation stays folded into the first convolution
+        with torch.inference_mode():
+            backbone(calibration.contiguous(memory_format=torch.channels_last))
+        ranges.append({k: [float(v) for v in o.calculate_qparams()] for k, o in mp.observers(graph).items()})
+    assert ranges[0] == ranges[1] == calibrated.qparams
     mp.pin_observers(net, calibrated.qparams, mp.fixed_observer)
     assert all(type(net.get_submodule(n)).__name__ == 'FixedQParamsObserver' for n in names)
 
