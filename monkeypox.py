@@ -199,7 +199,7 @@ def cv(cfg):
             f'and are never scored: {len(scored)} photos are')
     if cfg.unfreeze:  # every fold fine-tunes its own copy of the pretrained model
         pretrained = {k: v.clone() for k, v in prep.extractor.model().cpu().state_dict().items()}
-    results, labels, probs, preds, untempered = [], [], [], [], []
+    results, labels, probs, preds, untempered, edges = [], [], [], [], [], []
     for k in range(cfg.folds):
         t0 = time.time()
         test = [scored[j] for j, f in enumerate(folds) if f == k]
@@ -229,13 +229,18 @@ def cv(cfg):
             f'{run.head["weight_decay"]:g}, {best["stage"]} epoch {best["epoch"]}, {time.time() - t0:.0f}s)')
         results.append(m)
         labels, probs, preds = labels + y, probs + p, preds + decide(p, positive, best['threshold'])
+        edges += [k + 1] if run.head.get('search') and on_grid_edge(run.head['search']) else []
+    if edges:
+        warn(f'the weight decay chosen in fold(s) {", ".join(map(str, edges))} is an end of the grid '
+             f'({HEAD_GRID[0]:g} to {HEAD_GRID[-1]:g}): the inner folds found no best penalty inside it')
     pooled = metrics(labels, probs, classes, positive, None, preds)  # out of fold, each at its own threshold
     if positive is not None:  # what each fold's temperature did to its calibration
         pooled['untempered'] = calibration([y == positive for y in labels], [q[positive] for q in untempered])
         del pooled['untempered']['bins']
     result = {'folds': results, 'mean': aggregate(results, 'mean'), 'std': aggregate(results, 'sd'),
               'pooled': pooled, 'data': prep.what, 'arch': cfg.arch, 'weights': prep.spec.name, 'seed': cfg.seed,
-              'precision': prep.extractor.precision, 'calibration_only': sorted(photos[i].path for i in held),
+              'precision': prep.extractor.precision, 'fidelity': prep.fidelity,
+              'calibration_only': sorted(photos[i].path for i in held),
               'config': vars(cfg)}
     report(cfg, result, pooled, labels, probs, os.path.join(cfg.out, 'cv'),
            f'{cfg.folds}-fold cross-validation, pooled ({len(labels)} photos)', print_cv)
@@ -338,6 +343,13 @@ def export(cfg):
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):  # say so before the minutes of exporting
         raise UserError(f'cannot write {out}: {folder} is not a writable folder; choose another --out')
     loaded = load_checkpoint(cfg.checkpoint, cfg)
+    own = loaded.ckpt.get('precision')
+    fidelity = next((c for c in loaded.ckpt.get('fidelity') or [] if c['precision'] == own), None)
+    unlike_fp32 = (f'{out} not written: {cfg.checkpoint} was trained on {own} features, which do not reproduce fp32 '
+                   'for this model, and the ONNX file computes in fp32: it would answer differently from predict')
+    if fidelity and not fidelity['faithful']:
+        raise UserError(f'{unlike_fp32} (a probability could move by {fidelity["max"]:.2g} on its check photos); '
+                        'retrain with --precision auto or fp32')
     model = onnx_graph(loaded, cfg.opset, onnx)
     onnx.helper.set_model_props(model, onnx_metadata(loaded, cfg.checkpoint))
     onnx.checker.check_model(model)
@@ -346,14 +358,14 @@ def export(cfg):
     if worst > 1e-4:
         raise UserError(f'{out} not written: onnxruntime\'s probabilities differ from PyTorch\'s by up to {worst:.2g} '
                         f'on {what} (the limit is 1e-4); try another --opset, or report it with --debug')
+    if own_gap is not None and own_gap > FIDELITY_LIMITS['max']:
+        raise UserError(f'{unlike_fp32} (by up to {own_gap:.2g} on {what}); retrain with --precision auto or fp32')
     atomic_write(out, lambda f: f.write(data))
     say(f'exported {out} ({len(data) / 1e6:.1f} MB, opset {cfg.opset}, {loaded.ckpt["arch"]}, classes '
         f'{loaded.classes}): onnx.checker passed, onnxruntime agrees with PyTorch within {worst:.1g} on {what}')
-    own = loaded.ckpt.get('precision')
-    if own in ('bf16', 'int8'):
-        say(f'note: {cfg.checkpoint} was trained on {own} features; the ONNX file computes them in fp32, so its '
-            f'probabilities differ from predict\'s' + (f' (by up to {own_gap:.2g} on {what})' if own_gap is not None
-                                                       else '') + '. Train with --precision fp32 for an exact export')
+    if own_gap is not None:
+        say(f'note: {cfg.checkpoint} was trained on {own} features; the ONNX file computes them in fp32, within '
+            f'{own_gap:.2g} of predict\'s probabilities on {what}')
     return out
 
 
@@ -368,11 +380,13 @@ class Prepared:
     extractor: 'Extractor'   # the frozen backbone and its feature cache
     train: 'Features'        # the stored random views of the training photos
     val: 'Features'          # the evaluation view of the validation photos
+    fidelity: list           # each faster arithmetic tried, checked against fp32 (check_fidelity), in order
 
 
 def prepare(cfg, every_photo=False):
     """What train and cv start from: the photos (cv: every photo, its folds drawn later), the weights,
-    the screened class, and the backbone's features of every photo, from the cache where it has them."""
+    the screened class, and the backbone's features of every photo, from the cache where it has them, in
+    the fastest arithmetic that reproduces fp32 for this network and head (settle_precision)."""
     download_if_missing(cfg)
     memo = load_memo(cfg.cache)
     classes, parts = read_dataset(cfg.data, memo)
@@ -384,12 +398,28 @@ def prepare(cfg, every_photo=False):
     if is_main():
         save_memo(cfg.cache, memo)
     positive = positive_index(split.classes, cfg.positive_class)
-    crops = len(split.train) * cfg.views + len(split.val)  # this run's, whatever the cache holds: int8 or not
-    extractor = Extractor(cfg, split.classes, spec, calibration=split.train, crops=crops)  # never a validation photo
+    device = resolve_device(cfg.device)
     if not every_photo:
         print_split(split, f', seed {cfg.seed}, {cfg.val_fraction:.0%} held out' if split.how == 'grouped' else '')
-        say(f'model: {cfg.arch}, weights {spec.name}, {extractor.device.type} {extractor.precision}, frozen '
-            f'backbone' + (f', then its last {cfg.unfreeze} stages fine-tuned' if cfg.unfreeze else ''))
+        say(f'model: {cfg.arch}, weights {spec.name}, {device.type}, frozen backbone' +
+            (f', then its last {cfg.unfreeze} stages fine-tuned' if cfg.unfreeze else ''))
+    crops = len(split.train) * cfg.views + len(split.val)  # this run's, whatever the cache holds
+    checks = []
+    for precision in precisions_to_try(cfg, spec, device, crops):
+        extractor = Extractor(cfg, split.classes, spec, precision=precision, calibration=split.train)
+        train_f, val_f = extract_features(cfg, extractor, split, every_photo, what)
+        if precision == 'fp32':
+            break
+        checks.append(check_fidelity(cfg, extractor, train_f, positive))
+        if checks[-1]['faithful'] or cfg.precision != 'auto':
+            break
+        remember_unfaithful(cfg, extractor, checks[-1])
+    return Prepared(split, what, spec, positive, extractor, train_f, val_f, checks)
+
+
+def extract_features(cfg, extractor, split, every_photo, what):
+    """The stored random views of the training photos and the evaluation view of the validation photos (cv:
+    of every photo), from the cache where it has them; unreadable photos are reported and dropped."""
     t0 = time.time()
     train_f, bad = extractor.features(split.train, [f'train{k}' for k in range(cfg.views)])
     val_f, bad_val = extractor.features(train_f.photos if every_photo else split.val, [EVAL_VIEW])
@@ -397,15 +427,20 @@ def prepare(cfg, every_photo=False):
         report_skipped(bad + bad_val, listed_in='' if every_photo else 'the checkpoint (split.skipped)')
         drop_unreadable(split, bad + bad_val)
     ex = extractor
-    done = (f'{ex.crops} crops computed at {ex.crops / ex.seconds:.1f} crops/s (backbone '
-            f'{ex.backbone_seconds / ex.crops * 1e3:.1f} ms a crop, all else '
-            f'{(ex.seconds - ex.backbone_seconds) / ex.crops * 1e3:.1f}; model ready in {ex.setup_seconds:.1f}s)'
-            if ex.crops else 'all from cache')
-    say(f'cv: {what}, {len(train_f.photos)} photos, {cfg.folds} folds by patient (seed {cfg.seed}); {cfg.arch}, '
-        f'weights {spec.name}, features in {time.time() - t0:.1f}s' if every_photo else
-        f'features: {len(split.train)}x{cfg.views} training views + {len(split.val)} validation photos, {done}, '
-        f'{time.time() - t0:.1f}s' + (f' (cache {extractor.cache.dir})' if extractor.cache.dir else ''))
-    return Prepared(split, what, spec, positive, extractor, train_f, val_f)
+    if ex.crops:
+        done = (f'{ex.crops} crops computed at {ex.crops / ex.seconds:.1f} crops/s (backbone '
+                f'{ex.backbone_seconds / ex.crops * 1e3:.1f} ms a crop, all else '
+                f'{(ex.seconds - ex.backbone_seconds) / ex.crops * 1e3:.1f}; model ready in {ex.setup_seconds:.1f}s)')
+    else:
+        done = 'all from cache'
+    if every_photo:
+        say(f'cv: {what}, {len(train_f.photos)} photos, {cfg.folds} folds by patient (seed {cfg.seed}); '
+            f'{cfg.arch}, weights {extractor.spec.name}, {ex.precision} features in {time.time() - t0:.1f}s')
+    else:
+        cache = f' (cache {extractor.cache.dir})' if extractor.cache.dir else ''
+        say(f'features: {len(split.train)}x{cfg.views} training views + {len(split.val)} validation photos in '
+            f'{ex.precision}, {done}, {time.time() - t0:.1f}s{cache}')
+    return train_f, val_f
 
 
 def download_if_missing(cfg):
@@ -1018,15 +1053,21 @@ def resolve_device(device):
 
 
 def resolve_precision(precision, device, arch=None, crops=0):
-    """fp32, bf16 or int8 (the backbone pass). `arch` and `crops`: given for the features of a frozen backbone,
-    which 'auto' computes in int8 where int8_pays says so; otherwise bf16 where the hardware is fast at it."""
+    """fp32, bf16 or int8 (the backbone pass): the fastest arithmetic 'auto' may try. `arch` and `crops`: given
+    for the features of a frozen backbone, which 'auto' tries in int8 where int8_pays says so; otherwise bf16
+    where the hardware is fast at it."""
+    return precision_candidates(precision, device, arch, crops)[0]
+
+
+def precision_candidates(precision, device, arch=None, crops=0):
+    """The arithmetics 'auto' tries for the backbone, fastest first, ending with fp32 (the reference every other
+    one is checked against: check_fidelity); a given --precision alone."""
     if precision != 'auto':
-        return precision
+        return [precision]
     if device.type == 'cuda':
-        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
-    if arch is not None and int8_pays(arch, crops):
-        return 'int8'
-    return 'bf16' if fast_bf16() else 'fp32'
+        return ['bf16', 'fp32'] if torch.cuda.is_bf16_supported() else ['fp32']
+    fast = ['int8'] if arch is not None and int8_pays(arch, crops) else []
+    return fast + (['bf16'] if fast_bf16() else []) + ['fp32']
 
 
 def fast_bf16():
@@ -1187,7 +1228,11 @@ def int8_pays(arch, crops):
     over 15 folds: -0.008 (se 0.011) against fp32 (README, Precision)."""
     families = ('resnet', 'resnext', 'wide_resnet', 'regnet', 'vgg', 'mobilenet', 'efficientnet')  # not DenseNet:
     # its int8 concatenations join inputs quantized on different scales, which PyTorch warns is inaccurate
-    return int8_engine() is not None and arch.startswith(families) and crops >= (300 if fast_bf16() else 200)
+    least = INT8_MIN_CROPS['fast bf16' if fast_bf16() else 'fp32']
+    return int8_engine() is not None and arch.startswith(families) and crops >= least
+
+
+INT8_MIN_CROPS = {'fp32': 200, 'fast bf16': 300}  # crops from which int8 repays its build, against each (docs)
 
 
 def quantize_int8(backbone, qparams=None, calibrate=None):
@@ -1374,10 +1419,11 @@ class Extractor:
     """Runs photos through the frozen backbone, once per (photo, view), reading and filling the cache.
     The model is built only when something is missing from the cache: a warm run never builds it."""
 
-    def __init__(self, cfg, classes, spec, calibration=(), crops=0):
+    def __init__(self, cfg, classes, spec, precision=None, calibration=(), crops=0):
         self.cfg, self.classes, self.spec = cfg, classes, spec
         self.device = resolve_device(cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device, None if cfg.unfreeze else cfg.arch, crops)
+        self.precision = precision or resolve_precision(cfg.precision, self.device, None if cfg.unfreeze else cfg.arch,
+                                                        crops)
         self.dtype = torch.bfloat16 if self.precision == 'bf16' else torch.float32  # of the stored features
         self.pre = preprocessing(cfg)
         self.about = {'arch': cfg.arch, 'weights': spec.name, 'weights_id': spec.ident,
@@ -1634,6 +1680,104 @@ class FeatureCache:
                     p.unlink()
 
 
+# --- fidelity: a faster arithmetic is used only where the fitted head cannot tell it from fp32 -------------
+
+FIDELITY_LIMITS = {'median': 0.005, 'max': 0.05, 'flips': 0.005}  # half the tolerance each: docs/precision.md
+
+
+def check_fidelity(cfg, extractor, train, positive):
+    """How closely the extractor's arithmetic reproduces fp32 where it matters, in the answers: the head is fit
+    on the features as training fits it; the check photos (the int8 calibration photos: the first
+    CALIBRATION_PHOTOS training photos by sha256) are run through the backbone both ways, and the head's logits
+    on them give the changes the arithmetic makes (the head is linear: a change of features is a change of
+    logits whatever the photo). Those changes are applied to the head's out-of-fold logits, which stand for
+    photos it never saw (a training photo sits further from the threshold than a new one), pair by pair: the
+    median and largest change of a probability, and the share of decisions that change at the threshold.
+    Faithful when each is within FIDELITY_LIMITS, half the tolerance a user is promised (median 0.01, max 0.1,
+    1% of decisions), because 16 photos show less than the worst of hundreds."""
+    photos = extractor.calibration or calibration_photos(train.photos, cfg.calibration_photos)
+    fast, _ = extractor.features(photos, [EVAL_VIEW])
+    exact = Extractor(cfg, extractor.classes, extractor.spec, precision='fp32')
+    exact._model = extractor._model  # the same pretrained network: built once, or only when a cache lacks it
+    ref, _ = exact.features(fast.photos, [EVAL_VIEW])
+    run = fitted_head(cfg, extractor, train, positive)
+    with torch.no_grad():
+        change = (run.model(fast.x[:, 0].float()) - run.model(ref.x[:, 0].float())).double()
+    unseen = run.oof_logits if run.oof_logits is not None else run.model(train.x.flatten(0, 1).float()).double()
+    before = unseen.softmax(1)[:, None]                             # [photos, 1, classes]
+    after = (unseen[:, None] + change[None]).softmax(2)             # [photos, check photos, classes]
+    moved = (after - before).abs().amax(2).flatten()
+    threshold = run.best['threshold']
+    flips = [a != b for a, b in zip(decide(after.flatten(0, 1).tolist(), positive, threshold),
+                                    decide(before.expand_as(after).flatten(0, 1).tolist(), positive, threshold))]
+    result = {'precision': extractor.precision, 'photos': len(change), 'median': float(moved.median()),
+              'max': float(moved.max()), 'flips': float(np.mean(flips)),
+              'limits': dict(FIDELITY_LIMITS)}
+    result['faithful'] = all(result[k] <= v for k, v in FIDELITY_LIMITS.items())
+    verdict = 'reproduces fp32' if result['faithful'] else 'does not reproduce fp32'
+    say(f'precision: {extractor.precision} {verdict} closely enough for this head (on {len(change)} check photos: '
+        f'probabilities move by {result["median"]:.4f} median, {result["max"]:.3f} at most, {result["flips"]:.1%} of '
+        f'decisions change; limits {FIDELITY_LIMITS["median"]:g}, {FIDELITY_LIMITS["max"]:g}, '
+        f'{FIDELITY_LIMITS["flips"]:.1%})' + ('' if result['faithful'] or cfg.precision != 'auto' else
+                                           '; the features are computed again in the next arithmetic'))
+    if not result['faithful'] and cfg.precision != 'auto':
+        warn(f'--precision {extractor.precision}: this model\'s answers will differ from fp32\'s (a GPU, an ARM CPU, '
+             'its ONNX export) by more than the limits; --precision auto or fp32 avoids that')
+    return result
+
+
+def fitted_head(cfg, extractor, train, positive):
+    """The run that fits the head fit_head makes on these features (the penalty search is kept in the cache
+    for the real fit)."""
+    run = Run(cfg, new_head(train.x.shape[-1], len(extractor.classes), cfg.seed), train, train.subset([]),
+              extractor.classes, positive)
+    run.cache_dir = extractor.cache.dir
+    with quiet():
+        fit_head(run)
+    return run
+
+
+def precisions_to_try(cfg, spec, device, crops):
+    """The arithmetics this run tries, fastest first: precision_candidates, less those found not to reproduce
+    fp32 for this network and weights before (remember_unfaithful), which the line says."""
+    candidates = precision_candidates(cfg.precision, device, None if cfg.unfreeze else cfg.arch, crops)
+    if len(candidates) == 1:
+        return candidates
+    known = {}
+    for part in gather(read_unfaithful(cfg)):  # any rank's record: the ranks must try the same arithmetics
+        known.update(part)
+    keep = [p for p in candidates if p == 'fp32' or fidelity_key(cfg, spec, device, p) not in known]
+    for p in candidates:
+        if p not in keep:
+            m = known[fidelity_key(cfg, spec, device, p)]
+            say(f'precision: {p} skipped: it did not reproduce fp32 for {cfg.arch} with these weights (a probability '
+                f'could move by {m["max"]:.3f} on its check photos; {Path(cfg.cache, UNFAITHFUL_NAME)})')
+    return keep
+
+
+UNFAITHFUL_NAME = 'unfaithful-precisions.json'
+
+
+def fidelity_key(cfg, spec, device, precision):
+    return f'{cfg.arch}|{spec.ident}|{device.type}|{precision}|torch {torch.__version__}'
+
+
+def read_unfaithful(cfg):
+    try:
+        return json.loads(Path(cfg.cache, UNFAITHFUL_NAME).read_text()) if cfg.cache else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def remember_unfaithful(cfg, extractor, fidelity):
+    """Record in the cache that this network and weights need more than this arithmetic, so that later runs go
+    straight to the next one."""
+    if cfg.cache and is_main():
+        known = read_unfaithful(cfg)
+        known[fidelity_key(cfg, extractor.spec, extractor.device, extractor.precision)] = fidelity
+        atomic_write(Path(cfg.cache, UNFAITHFUL_NAME), lambda f: f.write(json.dumps(known, indent=1).encode()))
+
+
 def load_memo(cache):
     """sha256 of photos and weights files from an earlier run, by path, size and mtime (see sha256_file)."""
     if not cache:
@@ -1665,6 +1809,7 @@ class Run:
         self.cfg, self.model, self.train, self.val = cfg, model, train, val
         self.classes, self.positive, self.meta, self.resume = classes, positive, meta, None
         self.head, self.cache_dir = {}, None  # the head's fit (fit_head); where its search is kept
+        self.oof_logits = None  # the inner folds' out-of-fold logits of the training views, tempered (fit_head)
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.history, self.best, self.best_written = [], None, None
@@ -1775,10 +1920,16 @@ def fit_head(run):
                         ' needs two patients of every class or more among the training photos (inner folds by '
                         'patient); add photos' + (', or pass --weight-decay NUMBER (e.g. 1)' if auto else ''))
     lam = search['choice'] if search else float(cfg.weight_decay)
+    edge = on_grid_edge(search) if auto else None
+    if edge and not say.muted:  # cv's folds and the fidelity check fit quietly: cv says it once
+        warn(f'weight decay {lam:g} is the {edge} of the {len(search["grid"])} tried ({search["grid"][0]:g} to '
+             f'{search["grid"][-1]:g}): the inner folds found no best penalty inside the grid, so a value beyond it may '
+             'fit better; pass --weight-decay NUMBER to try one')
     oof = torch.tensor(search['oof_logits'], dtype=torch.float64) if search else None
     space = RowSpace(x)
     weight, bias = space.linear(newton_softmax(space.a, y, len(run.classes), lam))
     temperature = 1.0 if cfg.unfreeze or search is None else fit_temperature(oof.flatten(0, 1), y)
+    run.oof_logits = None if oof is None else oof.flatten(0, 1) / temperature  # the head's logits on unseen photos
     head = run.model.get_submodule(head_name(run.model))
     with torch.no_grad():
         head.weight.copy_(weight / temperature)
@@ -1821,24 +1972,25 @@ def fit_temperature(logits, y):
     return 1 / inverse
 
 
-HEAD_GRID = tuple(float(f'{10 ** (e / 2):.4g}') for e in range(-8, 3))  # the lambdas 'auto' tries: 1e-4 ... 10
+HEAD_GRID = tuple(float(f'{10 ** (e / 2):.4g}') for e in range(-8, 7))  # the lambdas 'auto' tries: 1e-4 ... 1e3
 HEAD_FOLDS, HEAD_FOLD_SEED = 5, 0  # inner folds that choose lambda, drawn with a fixed seed: --seed cannot move it
+HEAD_RULE = 'lowest mean out-of-fold log loss'  # how 'auto' picks lambda from the inner folds (choose_weight_decay)
 
 
 def search_weight_decay(run, grid=HEAD_GRID):
     """lambda for the head by grouped inner cross-validation on the training photos: HEAD_FOLDS folds keeping
-    each patient's photos together, the out-of-fold log loss of every lambda of HEAD_GRID, and the
-    one-standard-error rule toward the stronger penalty. Kept in the feature cache beside the features it was
-    made on, so a warm run with the same features skips it. Also returns the out-of-fold logits of each
-    photo's views at the choice: the temperature, and the threshold of a run without validation photos,
-    come from them. None when there are too few patients of a class to make folds."""
+    each patient's photos together, the out-of-fold log loss of every lambda of the grid, and the lambda
+    choose_weight_decay picks from them. Kept in the feature cache beside the features it was made on, so a
+    warm run with the same features skips it. Also returns the out-of-fold logits of each photo's views at
+    the choice: the temperature, and the threshold of a run without validation photos, come from them.
+    None when there are too few patients of a class to make folds."""
     x, y, views = run.train.x.double(), run.train.y, run.train.x.shape[1]
     folds = inner_folds(run.train.photos)
     used = sorted(set(folds))
     if any(len({y[i].item() for i, f in enumerate(folds) if f != k}) < len(run.classes) for k in used) or len(used) < 2:
         return None  # a fold would train without some class: too few patients
-    key = hashlib.sha256(x.float().numpy().tobytes() + json.dumps([y.tolist(), folds, grid]).encode()).hexdigest()
-    path = run.cache_dir / f'head-search-{key[:24]}.json' if run.cache_dir else None
+    key = hashlib.sha256(x.float().numpy().tobytes() + json.dumps([y.tolist(), folds, grid, HEAD_RULE]).encode())
+    path = run.cache_dir / f'head-search-{key.hexdigest()[:24]}.json' if run.cache_dir else None
     if path and path.exists():
         with contextlib.suppress(OSError, ValueError, KeyError):
             return json.loads(path.read_text())
@@ -1851,17 +2003,31 @@ def search_weight_decay(run, grid=HEAD_GRID):
         theta = None
         for j in reversed(range(len(grid))):  # strong to weak penalty, each fit starting from the last
             theta = newton_softmax(space.a, y[~out].repeat_interleave(views), len(run.classes), grid[j], theta)
-            logits = held @ theta @ HELMERT[len(run.classes)].T
+            logits = held @ theta @ helmert(len(run.classes)).T
             loss[k, j] = F.cross_entropy(logits, y[out].repeat_interleave(views))
             oof[j, out] = logits.unflatten(0, (-1, views))
     mean, se = loss.mean(0), loss.std(0) / math.sqrt(len(used))
-    best = int(mean.argmin())
-    choice = max(j for j in range(len(grid)) if mean[j] <= mean[best] + se[best])
-    search = {'grid': list(grid), 'loss': mean.tolist(), 'se': se.tolist(), 'best': grid[best], 'choice': grid[choice],
-              'folds': len(used), 'oof_logits': oof[choice].tolist()}
+    choice = choose_weight_decay(mean.tolist(), se.tolist())
+    search = {'grid': list(grid), 'loss': mean.tolist(), 'se': se.tolist(), 'best': grid[int(mean.argmin())],
+              'choice': grid[choice], 'rule': HEAD_RULE, 'folds': len(used), 'oof_logits': oof[choice].tolist()}
     if path and is_main():
         atomic_write(path, lambda f: f.write(json.dumps(search).encode()))
     return search
+
+
+def choose_weight_decay(loss, se):
+    """Index of the lambda with the lowest mean out-of-fold log loss: the usual rule for a ridge-penalised
+    classifier (scikit-learn's LogisticRegressionCV). `se`, the folds' standard errors, is kept for the
+    report; a one-standard-error rule toward the stronger penalty chose less well on held-out folds (docs)."""
+    return min(range(len(loss)), key=loss.__getitem__)
+
+
+def on_grid_edge(search):
+    """'lowest' or 'highest' when the chosen lambda is an end of its grid (a wider grid might do better)."""
+    grid = search['grid']
+    if len(grid) > 1 and search['choice'] in (grid[0], grid[-1]):
+        return 'lowest' if search['choice'] == grid[0] else 'highest'
+    return None
 
 
 def inner_folds(photos):
@@ -1894,23 +2060,25 @@ class RowSpace:
 
     def linear(self, theta):
         """The fitted (weight, bias) as a Linear on the raw features: the standardisation folded in."""
-        P = HELMERT[theta.shape[1] + 1]
+        P = helmert(theta.shape[1] + 1)
         w = P @ theta[:-1].T
         w = (w if self.back is None else w @ self.back) / self.std  # K x D, per raw feature
         return w.float(), (P @ theta[-1] - w @ self.mean).float()
 
 
-HELMERT = {k: torch.linalg.qr(torch.eye(k, dtype=torch.float64) - 1 / k)[0][:, :k - 1] for k in range(2, 33)}
-# an orthonormal basis of the logit vectors summing to zero: the penalised optimum has W's rows summing to zero,
-# so writing W = P Omega (P: this basis) loses nothing, keeps |W| = |Omega|, and leaves K - 1 blocks to fit (one for
-# two classes: plain logistic regression)
+@functools.cache
+def helmert(k):
+    """An orthonormal basis (k x k-1) of the logit vectors summing to zero: the penalised optimum has W's rows
+    summing to zero, so writing W = P Omega (P: this basis) loses nothing, keeps |W| = |Omega|, and leaves k - 1
+    blocks to fit (one for two classes: plain logistic regression)."""
+    return torch.linalg.qr(torch.eye(k, dtype=torch.float64) - 1 / k)[0][:, :k - 1]
 
 
 def newton_softmax(a, y, num_classes, lam, theta=None, tol=1e-9):
     """Minimise mean cross-entropy(softmax(P (a theta)^T)) + lam/2 |theta without its last row|^2 by Newton's
     method with a backtracking line search: a (n x m, last column ones for the bias), y (n) class indices,
     theta (m x K-1). Converged when the gradient's largest entry is below `tol`; convex, so from anywhere."""
-    P = HELMERT[num_classes]
+    P = helmert(num_classes)
     n, m = a.shape
     onehot = F.one_hot(y, num_classes).to(a.dtype)
     reg = torch.full((m, 1), float(lam), dtype=a.dtype)
@@ -2302,6 +2470,7 @@ def checkpoint_meta(cfg, prep):
             'preprocess': preprocessing(cfg), 'weights': {'source': prep.spec.name, 'kind': prep.spec.kind,
                                                           'id': prep.spec.ident},
             'config': dict(vars(cfg)), 'precision': prep.extractor.precision, 'int8': prep.extractor.int8_calibration(),
+            'fidelity': prep.fidelity,
             'split': {'root': os.path.abspath(split.root), 'how': split.how, 'seed': cfg.seed,
                       'val_fraction': cfg.val_fraction, 'skipped': split.skipped,
                       **{part: [os.path.relpath(p.path, split.root) for p in getattr(split, part)]
@@ -2663,8 +2832,8 @@ def plot_curves(history, head, path):
     ax, search = axes[0, 0], head.get('search')
     if search:
         ax.errorbar(search['grid'], search['loss'], yerr=search['se'], fmt='o-', capsize=3, label='out-of-fold')
-        ax.axvline(search['choice'], color='red', ls='--', label=f'chosen: {search["choice"]:g} (one-SE rule)')
-        ax.axvline(search['best'], color='grey', ls=':', label=f'lowest: {search["best"]:g}')
+        ax.axvline(search['choice'], color='red', ls='--', label=f'chosen: {search["choice"]:g}')
+        ax.set_xlim(search['grid'][0] / 2, search['grid'][-1] * 2)  # the whole grid, its ends included
         ax.set(xscale='log', xlabel='weight decay (lambda)', ylabel='log loss',
                title=f'head: {search["folds"]} inner folds by patient')
         ax.legend()

@@ -95,8 +95,13 @@ def gflop_per_image(arch):
 
 def extraction(out):
     """(crops/s, backbone ms a crop, all else ms a crop) from train's features line."""
-    m = re.search(r'([\d.]+) crops/s \(backbone ([\d.]+) ms a crop, all else ([\d.]+)[;)]', out)
-    return tuple(map(float, m.groups())) if m else (float('nan'),) * 3
+    found = re.findall(r'([\d.]+) crops/s \(backbone ([\d.]+) ms a crop, all else ([\d.]+)[;)]', out)
+    return tuple(map(float, found[-1])) if found else (float('nan'),) * 3  # the last: the arithmetic kept
+
+
+def features_precision(out):
+    """The arithmetic train kept (the last features line), and its fidelity checks, from its output."""
+    return re.findall(r'in (\w+), \d+ crops computed', out)[-1], re.findall(r'^precision: .*$', out, re.M)
 
 
 def subset(data, max_images, dest, seed=0):
@@ -191,7 +196,8 @@ def compare(data, args, env):
         common = ['--arch', args.arch, '--weights', args.weights, '--seed', str(args.seed)]
         t1, rss1, out1 = run_rss([sys.executable, __file__, '--original', '--data', data, '--lr', args.lr, '--epochs',
                                   args.epochs, '--batch-size', args.batch_size, *common], env)
-        tool = [sys.executable, SCRIPT, 'train', '--data', data, '--out', work / 'chk', '--no-plot', *common]
+        tool = [sys.executable, SCRIPT, 'train', '--data', data, '--out', work / 'chk', '--no-plot', *common,
+                '--precision', args.precision]
         t2, rss2, out2 = run_rss(tool, env)
         t3, rss3, out3 = run_rss(tool, env)
         assert 'all from cache' in out3, out3
@@ -204,7 +210,8 @@ def compare(data, args, env):
         return {'original_s': t1, 'cold_s': t2, 'warm_s': t3, 'rss': (rss1, rss2, rss3),
                 'original_val': json.loads(out1.strip().splitlines()[-1]), 'tool_val': ckpt['metrics'],
                 'extraction': extraction(out2), 'import_s': t_import, 'predict_s': t_predict,
-                'precision': ckpt['precision'], 'images': len(ckpt['split']['train']) + len(ckpt['split']['val'])}
+                'precision': ckpt['precision'], 'images': len(ckpt['split']['train']) + len(ckpt['split']['val']),
+                'checks': features_precision(out2)[1]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -216,7 +223,8 @@ def large(args, env, peaks, gflop):
         data = synthetic_photos(args.photos, work / 'photos')
         quarter = subset(data, args.photos // 4, work / 'quarter')
         env = {**env, 'TORCHINDUCTOR_CACHE_DIR': str(work / 'compile')}  # cold on the first run, warm after
-        common = ['--arch', args.arch, '--weights', args.weights, '--no-plot', '--val-fraction', '0.2']
+        common = ['--arch', args.arch, '--weights', args.weights, '--no-plot', '--val-fraction', '0.2', '--precision',
+                  args.precision]
         rows = []
         for label, photos in (('cold compile cache', data), ('warm compile cache', data), ('N/4 photos', quarter)):
             if label.startswith('warm') and not rows[0][-1]:
@@ -227,12 +235,14 @@ def large(args, env, peaks, gflop):
             seconds, rss, text = run_rss([sys.executable, SCRIPT, 'train', '--data', photos, '--out', out,
                                           '--cache', out / 'cache', *common], env)
             if not rows:  # the N/4 run in the same arithmetic, for its memory to compare (auto goes by crops)
-                common += ['--precision', re.search(r'cpu (\w+), frozen', text).group(1)]
+                precision, checks = features_precision(text)
+                common[-1] = precision
             crops = int(re.search(r'(\d+) crops computed', text).group(1))
             rate, backbone, rest = extraction(text)
             rows.append((label, seconds, rss, crops, rate, backbone, rest, 'compiling' in text))
         print(f'\n{args.photos} synthetic photos (400-800 px JPEGs), {args.arch}, `train` from a cold feature cache:')
-        precision = re.search(r'cpu (\w+), frozen', text).group(1)
+        for line in checks:
+            print(f'  {line}')
         for label, seconds, rss, crops, rate, backbone, rest, compiled in rows:
             share = rest / (backbone + rest)
             print(f'  {label:<20} {crops:5d} crops, {seconds:6.1f} s in all, {rate:6.1f} crops/s '
@@ -261,6 +271,8 @@ def main(argv=None):
     p.add_argument('--photos', type=int, default=0, help='instead: the large-set benchmark on N synthetic photos')
     p.add_argument('--trials', type=int, default=5, help='best of how many matmuls measures each peak')
     p.add_argument('--isa', choices=('native', 'avx2'), default='native', help='avx2: run as a CPU without bf16')
+    p.add_argument('--precision', choices=('auto', 'fp32', 'bf16', 'int8'), default='auto',
+                   help="train's: auto keeps a faster arithmetic only where the fitted head cannot tell it from fp32")
     p.add_argument('--original', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.original:
@@ -286,6 +298,8 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             r = compare(subset(args.data, n, Path(tmp) / 'data') if n else args.data, args, env)
         rate, backbone, rest = r['extraction']
+        for line in r['checks']:
+            print(f'  {line}')
         print(f'\n{r["images"]} photos, {args.arch} weights={args.weights}, train in {r["precision"]}; the original loop '
               f'{args.epochs} epochs, batch {args.batch_size}:')
         print(f'  1 original loop (fp32, train mode, backbone every epoch) {r["original_s"]:7.1f} s   peak RSS '

@@ -32,7 +32,7 @@ def test_the_fit_in_the_rows_span_is_the_exact_minimiser_and_folds_back_into_a_l
     weight, bias = space.linear(theta)
     assert full_gradient(x, y, weight, bias, 0.3, classes).abs().max() < 1e-5
     # the folded standardisation scores as the fit did, to within float32 rounding
-    fitted = (space.a @ theta @ mp.HELMERT[classes].T).softmax(1)
+    fitted = (space.a @ theta @ mp.helmert(classes).T).softmax(1)
     assert (fitted - (x.float() @ weight.T + bias).softmax(1)).abs().max() < 1e-6
 
 
@@ -166,3 +166,40 @@ def test_evaluate_and_cv_report_honest_probabilities_and_draw_the_reliability_di
     assert all(isinstance(report['pooled'][k], float) for k in ('log_loss', 'brier', 'ece'))
     assert {'log_loss', 'brier', 'ece'} <= set(report['mean']) and 'ece' in report['pooled']['untempered']
     assert (tmp_path / 'cv' / 'cv' / 'calibration.png').exists()
+
+
+def test_the_weight_decay_with_the_lowest_mean_out_of_fold_log_loss_is_chosen():
+    loss, se = [0.60, 0.45, 0.40, 0.42, 0.50], [0.05] * 5  # one standard error would allow 0.45 and 0.42 too
+    assert mp.choose_weight_decay(loss, se) == 2
+
+
+def search_on(x, y, grid=mp.HEAD_GRID):
+    """The weight-decay search on given features (one view a photo, two photos a patient): its result and the
+    warnings fit_head printed."""
+    photos = [mp.Photo(f'/data/{"ab"[int(c)]}/P{i // 2}_{i % 2 + 1}.jpg', int(c), f'{i:064x}') for i, c in enumerate(y)]
+    features = mp.Features(photos, x[:, None].float(), y)
+    cfg = mp.parse_args(['train', '--no-plot'])
+    run = mp.Run(cfg, mp.new_head(x.shape[1], 2, 0), features, features.subset([]), ['a', 'b'], 0)
+    return mp.search_weight_decay(run, grid), run
+
+
+def test_the_search_puts_the_penalty_where_a_synthetic_problem_calls_for_it(capsys):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(120) % 2
+    signal = torch.randn(120, 40, generator=g, dtype=torch.float64)
+    signal[:, 0] += 1.5 * (2 * y - 1)  # one informative feature among 40: too little penalty overfits the noise
+    search, _ = search_on(signal, y)
+    assert search['grid'][0] < search['choice'] < search['grid'][-1], search
+    assert search['choice'] == search['grid'][int(np.argmin(search['loss']))] and search['rule'] == mp.HEAD_RULE
+    separable, _ = search_on(signal + 6 * (2 * y[:, None] - 1), y)  # every feature separates the classes
+    assert separable['choice'] == separable['grid'][0]  # the weakest penalty: log loss falls as the margin grows
+
+
+def test_a_weight_decay_chosen_at_an_end_of_the_grid_warns(tmp_path, cli, monkeypatch):
+    data = make_dataset(tmp_path / 'd', per_class=10)
+    monkeypatch.setattr(mp, 'HEAD_GRID', (1e-3, 1e-2))  # two values: whichever is chosen is an end
+    r = cli('train', '--data', data, '--out', tmp_path / 'chk2', *TINY)
+    search = torch.load(tmp_path / 'chk2' / 'monkeypox_model.pkl', weights_only=True)['head']['search']
+    edge = mp.on_grid_edge(search)
+    assert r.returncode == 0 and edge in ('lowest', 'highest'), r.stderr
+    assert f'warning: weight decay {search["choice"]:g} is the {edge} of the 2 tried (0.001 to 0.01)' in r.stderr
