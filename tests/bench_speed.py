@@ -151,9 +151,13 @@ def original_loop(args):
     import torchvision.transforms as T
     sys.path.insert(0, str(REPO))
     import monkeypox as mp
+    import mpox.data
+    import mpox.images
+    import mpox.metrics
+    import mpox.model
     torch.manual_seed(args.seed)
-    classes, photos = mp.read_photos(args.data)
-    train, val = mp.grouped_split(photos, mp.VAL_FRACTION, args.seed)
+    classes, photos = mpox.data.read_photos(args.data)
+    train, val = mpox.data.grouped_split(photos, mp.VAL_FRACTION, args.seed)
     norm = T.Normalize(mp.MEAN, mp.STD)
     train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     eval_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
@@ -166,12 +170,12 @@ def original_loop(args):
             return len(self.items)
 
         def __getitem__(self, i):
-            return self.tf(mp.load_rgb(self.items[i].path)), self.items[i].label
+            return self.tf(mpox.images.load_rgb(self.items[i].path)), self.items[i].label
 
     model = torchvision.models.get_model(args.arch, weights=None if args.weights == 'none' else args.weights)
     for p in model.parameters():
         p.requires_grad = False
-    name = mp.head_name(model)
+    name = mpox.model.head_name(model)
     model.set_submodule(name, torch.nn.Linear(model.get_submodule(name).in_features, len(classes)))
     optimizer = torch.optim.Adam(model.get_submodule(name).parameters(), lr=args.lr)
     loader = torch.utils.data.DataLoader(Photos(train, train_tf), batch_size=args.batch_size, shuffle=True)
@@ -184,8 +188,8 @@ def original_loop(args):
             optimizer.step()
     model.eval()
     with torch.no_grad():
-        probs = model(torch.stack([eval_tf(mp.load_rgb(p.path)) for p in val])).softmax(1).tolist()
-    m = mp.metrics([p.label for p in val], probs, classes, mp.positive_index(classes, 'auto'), 0.5)
+        probs = model(torch.stack([eval_tf(mpox.images.load_rgb(p.path)) for p in val])).softmax(1).tolist()
+    m = mpox.metrics.metrics([p.label for p in val], probs, classes, mpox.data.positive_index(classes, 'auto'), 0.5)
     print(json.dumps({'accuracy': m['accuracy'], 'balanced_accuracy': m['balanced_accuracy'], 'n': m['n']}))
 
 

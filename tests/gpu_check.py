@@ -114,14 +114,14 @@ def decode_speeds(torch, n=200):
     torchvision.io.decode_jpeg on one core, and decode_jpeg on the GPU (nvJPEG) in batches of 32."""
     import torchvision.io as io
     sys.path.insert(0, str(REPO))
-    import monkeypox as mp
+    import mpox.images
     from bench_speed import synthetic_photos
     folder = Path(tempfile.mkdtemp(prefix='decode-'))
     files = sorted(str(p) for p in synthetic_photos(n, folder).rglob('*.jpg'))
     data = [io.read_file(f) for f in files]
     torch.set_num_threads(1)
     times = {}
-    for name, fn in (('pillow_draft_512', lambda: [mp.load_rgb(f, draft=512) for f in files]),
+    for name, fn in (('pillow_draft_512', lambda: [mpox.images.load_rgb(f, draft=512) for f in files]),
                      ('decode_jpeg_cpu', lambda: [io.decode_jpeg(d) for d in data]),
                      ('decode_jpeg_cuda', lambda: [io.decode_jpeg(data[i:i + 32], device='cuda')
                                                    for i in range(0, len(data), 32)])):

@@ -22,6 +22,10 @@ import torchvision
 from PIL import Image
 
 import monkeypox as mp
+import mpox.checkpoint
+import mpox.features
+import mpox.images
+import mpox.system
 from conftest import MSLD, SCRIPT, TINY, make_dataset, one_line_error, run_script, script_env
 
 
@@ -114,25 +118,25 @@ def test_hidden_and_non_image_files_are_ignored_silently(tmp_path, cli):
 def test_every_image_mode_becomes_the_rgb_a_viewer_shows(tmp_path):
     Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(tmp_path / 'grey16.png')  # I;16: half grey
     assert Image.open(tmp_path / 'grey16.png').mode.startswith('I')
-    assert mp.load_rgb(tmp_path / 'grey16.png').getpixel((0, 0)) == (128, 128, 128)
+    assert mpox.images.load_rgb(tmp_path / 'grey16.png').getpixel((0, 0)) == (128, 128, 128)
     Image.fromarray(np.full((4, 4), 1000, np.int32), 'I').save(tmp_path / 'grey32.tif')
-    assert mp.load_rgb(tmp_path / 'grey32.tif').getpixel((0, 0)) == (4, 4, 4)  # 1000/65535, not clipped
+    assert mpox.images.load_rgb(tmp_path / 'grey32.tif').getpixel((0, 0)) == (4, 4, 4)  # 1000/65535, not clipped
     Image.new('CMYK', (4, 4), (0, 255, 255, 0)).save(tmp_path / 'cmyk.jpg')
-    assert np.allclose(mp.load_rgb(tmp_path / 'cmyk.jpg').getpixel((1, 1)), (255, 0, 0), atol=3)
+    assert np.allclose(mpox.images.load_rgb(tmp_path / 'cmyk.jpg').getpixel((1, 1)), (255, 0, 0), atol=3)
     Image.new('RGBA', (4, 4), (255, 0, 0, 128)).save(tmp_path / 'rgba.png')  # half-transparent red on white
-    assert np.allclose(mp.load_rgb(tmp_path / 'rgba.png').getpixel((0, 0)), (255, 127, 127), atol=1)
+    assert np.allclose(mpox.images.load_rgb(tmp_path / 'rgba.png').getpixel((0, 0)), (255, 127, 127), atol=1)
     Image.new('LA', (4, 4), (0, 0)).save(tmp_path / 'la.png')
-    assert mp.load_rgb(tmp_path / 'la.png').getpixel((0, 0)) == (255, 255, 255)
+    assert mpox.images.load_rgb(tmp_path / 'la.png').getpixel((0, 0)) == (255, 255, 255)
     pal = Image.new('P', (4, 4), 0)
     pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
     pal.info['transparency'] = 0
     pal.save(tmp_path / 'palette.png', transparency=0)
-    assert mp.load_rgb(tmp_path / 'palette.png').getpixel((0, 0)) == (255, 255, 255)
+    assert mpox.images.load_rgb(tmp_path / 'palette.png').getpixel((0, 0)) == (255, 255, 255)
     Image.new('1', (4, 4), 1).save(tmp_path / 'bw.png')
-    assert mp.load_rgb(tmp_path / 'bw.png').getpixel((0, 0)) == (255, 255, 255)
+    assert mpox.images.load_rgb(tmp_path / 'bw.png').getpixel((0, 0)) == (255, 255, 255)
     Image.new('RGB', (8, 8), (10, 200, 10)).save(tmp_path / 'tiny.png')
-    pre = mp.preprocessing(mp.parse_args(['train']))
-    assert mp.eval_transform(pre)(mp.load_rgb(tmp_path / 'tiny.png')).shape == (3, 224, 224)
+    pre = mpox.images.preprocessing(mp.parse_args(['train']))
+    assert mpox.images.eval_transform(pre)(mpox.images.load_rgb(tmp_path / 'tiny.png')).shape == (3, 224, 224)
 
 
 def test_exif_rotation_is_applied_as_a_viewer_does(tmp_path):
@@ -143,7 +147,7 @@ def test_exif_rotation_is_applied_as_a_viewer_does(tmp_path):
     exif = img.getexif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     img.save(tmp_path / 'sideways.jpg', exif=exif, quality=95)
-    shown = mp.load_rgb(tmp_path / 'sideways.jpg')
+    shown = mpox.images.load_rgb(tmp_path / 'sideways.jpg')
     assert shown.size == (10, 20)
     assert np.allclose(shown.getpixel((5, 2)), (255, 0, 0), atol=8)  # red on top
     assert np.allclose(shown.getpixel((5, 17)), (0, 0, 255), atol=8)
@@ -247,8 +251,8 @@ def test_files_that_would_run_code_are_refused_and_nothing_runs(trained, tmp_pat
     assert 'run code' in line
     with open(tmp_path / 'class_dict.pk', 'wb') as f:
         pickle.dump({0: Payload(marker)}, f)
-    with pytest.raises(mp.UserError, match='refused'):
-        mp.read_class_map(tmp_path / 'class_dict.pk')
+    with pytest.raises(mpox.system.UserError, match='refused'):
+        mpox.checkpoint.read_class_map(tmp_path / 'class_dict.pk')
     assert not marker.exists()
 
 
@@ -354,11 +358,11 @@ def test_ctrl_c_during_extraction_keeps_the_earlier_checkpoint_and_only_complete
     assert proc.returncode == 130, stderr
     assert 'interrupted during feature extraction' in stdout and 'Traceback' not in stderr
     assert (out / 'monkeypox_model.pkl').read_bytes() == before
-    mp.load_checkpoint(str(out / 'monkeypox_model.pkl'), mp.parse_args(['evaluate']))
+    mpox.checkpoint.load_checkpoint(str(out / 'monkeypox_model.pkl'), mp.parse_args(['evaluate']))
     assert no_temporary_files(out)
     for pack in (out / 'cache').rglob('pack-*.pt'):
         data_ = torch.load(pack, weights_only=True)
-        assert data_['digest'] == mp.FeatureCache.digest(data_['keys'], data_['features'])
+        assert data_['digest'] == mpox.features.FeatureCache.digest(data_['keys'], data_['features'])
 
 
 def sigterm_when(text, timeout=300):
@@ -367,7 +371,7 @@ def sigterm_when(text, timeout=300):
     while time.time() < end:
         out = sys.stdout
         if isinstance(out, io.StringIO) and text in out.getvalue():
-            if signal.getsignal(signal.SIGTERM) is mp.stop_on_sigterm:  # main's handler, not the default's exit
+            if signal.getsignal(signal.SIGTERM) is mpox.system.stop_on_sigterm:  # main's handler, not the default's exit
                 os.kill(os.getpid(), signal.SIGTERM)
             return
         time.sleep(0.01)
@@ -387,7 +391,7 @@ def test_sigterm_during_fine_tuning_saves_the_best_and_resume_finishes_like_an_u
     assert cut.returncode == 130, cut.stderr
     assert 'interrupted' in cut.stdout and 'resume with --resume' in cut.stdout
     assert no_temporary_files(tmp_path / 'cut')
-    mp.load_checkpoint(str(tmp_path / 'cut' / 'monkeypox_model.pkl'), mp.parse_args(['evaluate']))
+    mpox.checkpoint.load_checkpoint(str(tmp_path / 'cut' / 'monkeypox_model.pkl'), mp.parse_args(['evaluate']))
     resumed = cli('train', *args, '--out', tmp_path / 'cut', '--resume')
     assert resumed.returncode == 0, resumed.stderr
     assert 'resuming from finetune epoch' in resumed.stdout

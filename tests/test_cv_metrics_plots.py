@@ -9,18 +9,26 @@ import pytest
 from PIL import Image, ImageDraw
 
 import monkeypox as mp
+import mpox.checkpoint
+import mpox.data
+import mpox.devices
+import mpox.gradcam
+import mpox.metrics
+import mpox.pipeline
+import mpox.precision
+import mpox.training
 from conftest import TINY, draw_photo, make_dataset
 
 
 # --- grouped folds ---------------------------------------------------------------------------------
 
 def test_grouped_folds_keep_patients_together_and_cover_every_photo_once(msld):
-    _, photos = mp.read_photos(str(msld))
-    folds = mp.grouped_folds(photos, 5, seed=0)
+    _, photos = mpox.data.read_photos(str(msld))
+    folds = mpox.data.grouped_folds(photos, 5, seed=0)
     assert len(folds) == len(photos) and set(folds) == set(range(5))  # each photo in exactly one test fold
     fold_of_group = {}
     for p, f in zip(photos, folds):
-        assert fold_of_group.setdefault(mp.group_key(p.path), f) == f, p.path
+        assert fold_of_group.setdefault(mpox.data.group_key(p.path), f) == f, p.path
     by_sha = collections.defaultdict(set)
     for p, f in zip(photos, folds):
         by_sha[p.sha].add(f)
@@ -33,9 +41,9 @@ def test_grouped_folds_keep_patients_together_and_cover_every_photo_once(msld):
 
 
 def test_grouped_folds_depend_on_the_seed_only(msld):
-    _, photos = mp.read_photos(str(msld))
-    assert mp.grouped_folds(photos, 5, 0) == mp.grouped_folds(photos, 5, 0)
-    assert mp.grouped_folds(photos, 5, 0) != mp.grouped_folds(photos, 5, 1)
+    _, photos = mpox.data.read_photos(str(msld))
+    assert mpox.data.grouped_folds(photos, 5, 0) == mpox.data.grouped_folds(photos, 5, 0)
+    assert mpox.data.grouped_folds(photos, 5, 0) != mpox.data.grouped_folds(photos, 5, 1)
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -48,14 +56,14 @@ def two_class(p_pos):
 
 
 def test_metrics_of_a_perfect_classifier():
-    m = mp.metrics([0, 0, 1, 1, 1], two_class([0.9, 0.6, 0.4, 0.2, 0.1]), CLASSES, 0, 0.5)
+    m = mpox.metrics.metrics([0, 0, 1, 1, 1], two_class([0.9, 0.6, 0.4, 0.2, 0.1]), CLASSES, 0, 0.5)
     assert m['accuracy'] == m['balanced_accuracy'] == m['sensitivity'] == m['specificity'] == m['auc'] == 1.0
     assert m['confusion_matrix'] == [[2, 0], [0, 3]]
     assert m['n'] == 5 and m['precision'] == {'Monkey Pox': 1.0, 'Others': 1.0}
 
 
 def test_metrics_of_a_classifier_that_calls_everything_negative():
-    m = mp.metrics([0, 0, 1, 1, 1, 1], two_class([0.3, 0.2, 0.1, 0.1, 0.2, 0.3]), CLASSES, 0, 0.5)
+    m = mpox.metrics.metrics([0, 0, 1, 1, 1, 1], two_class([0.3, 0.2, 0.1, 0.1, 0.2, 0.3]), CLASSES, 0, 0.5)
     assert m['confusion_matrix'] == [[0, 2], [0, 4]]
     assert m['sensitivity'] == 0.0 and m['specificity'] == 1.0
     assert m['accuracy'] == pytest.approx(4 / 6) and m['balanced_accuracy'] == pytest.approx(0.5)
@@ -64,13 +72,13 @@ def test_metrics_of_a_classifier_that_calls_everything_negative():
 
 
 def test_roc_auc_counts_ties_as_half():
-    assert mp.roc_auc([True, False], [0.5, 0.5]) == 0.5
-    assert mp.roc_auc([True, True, False, False], [0.8, 0.4, 0.4, 0.1]) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
-    assert math.isnan(mp.roc_auc([True, True], [0.1, 0.2]))
+    assert mpox.metrics.roc_auc([True, False], [0.5, 0.5]) == 0.5
+    assert mpox.metrics.roc_auc([True, True, False, False], [0.8, 0.4, 0.4, 0.1]) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
+    assert math.isnan(mpox.metrics.roc_auc([True, True], [0.1, 0.2]))
 
 
 def test_roc_curve_steps_once_per_distinct_score_ties_together():
-    fpr, tpr, thr = mp.roc_curve([1, 0, 1, 0, 1], [0.9, 0.8, 0.8, 0.3, 0.1])
+    fpr, tpr, thr = mpox.metrics.roc_curve([1, 0, 1, 0, 1], [0.9, 0.8, 0.8, 0.3, 0.1])
     assert thr == [float('inf'), 0.9, 0.8, 0.3, 0.1]
     assert fpr == [0, 0, 0.5, 1, 1]
     assert tpr == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3, 1])
@@ -78,21 +86,21 @@ def test_roc_curve_steps_once_per_distinct_score_ties_together():
 
 def test_metrics_of_decisions_made_elsewhere_count_those_decisions():
     # cv pools folds decided at different thresholds: the decisions given are counted, not re-decided
-    m = mp.metrics([0, 0, 1, 1], two_class([0.9, 0.4, 0.6, 0.1]), ['pos', 'neg'], 0, None, preds=[0, 0, 0, 1])
+    m = mpox.metrics.metrics([0, 0, 1, 1], two_class([0.9, 0.4, 0.6, 0.1]), ['pos', 'neg'], 0, None, preds=[0, 0, 0, 1])
     assert m['confusion_matrix'] == [[2, 0], [1, 1]]
     assert m['sensitivity'] == 1.0 and m['specificity'] == 0.5 and m['auc'] == 0.75  # 3 of 4 pairs ordered
 
 
 def test_wilson_intervals_match_known_values():
-    assert mp.wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
-    assert mp.wilson(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
-    assert mp.wilson(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
-    assert mp.wilson(81, 263) == pytest.approx([0.2553, 0.3662], abs=1e-4)
-    assert all(math.isnan(v) for v in mp.wilson(0, 0))
+    assert mpox.metrics.wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert mpox.metrics.wilson(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
+    assert mpox.metrics.wilson(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert mpox.metrics.wilson(81, 263) == pytest.approx([0.2553, 0.3662], abs=1e-4)
+    assert all(math.isnan(v) for v in mpox.metrics.wilson(0, 0))
 
 
 def test_metrics_with_a_third_class_and_no_positive_class():
-    m = mp.metrics([0, 1, 2, 2], [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.1, 0.7], [0.5, 0.3, 0.2]],
+    m = mpox.metrics.metrics([0, 1, 2, 2], [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.1, 0.7], [0.5, 0.3, 0.2]],
                    ['a', 'b', 'c'], None, 0.5)
     assert m['confusion_matrix'] == [[1, 0, 0], [0, 1, 0], [1, 0, 1]]
     assert m['balanced_accuracy'] == pytest.approx((1 + 1 + 0.5) / 3)
@@ -104,14 +112,14 @@ def test_metrics_with_a_third_class_and_no_positive_class():
 def test_target_sensitivity_picks_the_highest_threshold_that_reaches_it_and_decisions_flip_there():
     y = [True, True, True, True, True, False, False, False]
     p = [0.95, 0.80, 0.60, 0.40, 0.30, 0.70, 0.35, 0.10]
-    assert mp.select_threshold(y, p, 0.6, 0.5) == 0.60  # 3 of 5 positives at or above 0.60
-    assert mp.select_threshold(y, p, 0.61, 0.5) == 0.40  # 4 of 5 needed
-    assert mp.select_threshold(y, p, 1.0, 0.5) == 0.30
-    t = mp.select_threshold(y, p, 0.8, 0.5)
+    assert mpox.training.select_threshold(y, p, 0.6, 0.5) == 0.60  # 3 of 5 positives at or above 0.60
+    assert mpox.training.select_threshold(y, p, 0.61, 0.5) == 0.40  # 4 of 5 needed
+    assert mpox.training.select_threshold(y, p, 1.0, 0.5) == 0.30
+    t = mpox.training.select_threshold(y, p, 0.8, 0.5)
     probs = two_class(p)
-    assert mp.decide(two_class([t]), 0, t) == [0]  # at the threshold: positive
-    assert mp.decide(two_class([t - 1e-6]), 0, t) == [1]  # just below: negative
-    m = mp.metrics([0 if v else 1 for v in y], probs, CLASSES, 0, t)
+    assert mpox.metrics.decide(two_class([t]), 0, t) == [0]  # at the threshold: positive
+    assert mpox.metrics.decide(two_class([t - 1e-6]), 0, t) == [1]  # just below: negative
+    m = mpox.metrics.metrics([0 if v else 1 for v in y], probs, CLASSES, 0, t)
     assert m['sensitivity'] == pytest.approx(0.8) and m['specificity'] == pytest.approx(2 / 3)
 
 
@@ -194,20 +202,20 @@ def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tm
             (tmp_path / 'd' / split / name).mkdir(parents=True)
             for i in range(n):
                 disc_photo(rng, red)[0].save(tmp_path / 'd' / split / name / f'P{i}_1.jpg', quality=92)
-    int8 = ['--precision', 'int8'] if mp.int8_engine() else []  # explained through its int8 network, emulated
+    int8 = ['--precision', 'int8'] if mpox.devices.int8_engine() else []  # explained through its int8 network, emulated
     r = cli('train', '--data', tmp_path / 'd', '--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1', '--views', '1',
             '--out', tmp_path / 'chk', '--no-plot', '--no-cache', *int8, env={'TORCH_HOME': str(torch_home)})
     assert r.returncode == 0, r.stderr
     cfg = mp.parse_args(['predict', 'x', '--device', 'cpu'])  # the checkpoint's precision
-    loaded = mp.load_checkpoint(str(tmp_path / 'chk' / 'monkeypox_model.pkl'), cfg)
+    loaded = mpox.checkpoint.load_checkpoint(str(tmp_path / 'chk' / 'monkeypox_model.pkl'), cfg)
     photos = []
     for i in range(20):
         img, disc = disc_photo(rng, True)
         img.save(tmp_path / f'test{i}.jpg', quality=92)
         photos.append((str(tmp_path / f'test{i}.jpg'), disc))
-    probs, failures = mp.checkpoint_probabilities(loaded, [mp.Photo(path, 0, '') for path, _ in photos], cfg, 'test')
+    probs, failures = mpox.pipeline.checkpoint_probabilities(loaded, [mpox.data.Photo(path, 0, '') for path, _ in photos], cfg, 'test')
     assert not failures
-    hits, misses, explain = 0, [], mp.grad_cam(loaded.model, loaded.pre, mp.explained_qparams(cfg, loaded))
+    hits, misses, explain = 0, [], mpox.gradcam.grad_cam(loaded.model, loaded.pre, mpox.precision.explained_qparams(cfg, loaded))
     for i, (path, (x, y, radius)) in enumerate(photos):
         predicted = int(np.argmax(probs[i]))  # the class predict --explain shows
         crop, heat = explain(path, predicted)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import monkeypox as mp
+import mpox.onnxfile
 from conftest import call_main, make_dataset, one_line_error
 
 onnx = pytest.importorskip('onnx')
@@ -115,7 +115,7 @@ def test_files_that_are_not_this_tools_onnx_are_one_line_errors(tmp_path, cli):
     one_line_error(cli('predict', photo, '--checkpoint', tmp_path / 'noise.onnx'), 'noise.onnx', 'not a readable ONNX')
     plain = tiny_onnx(tmp_path / 'plain.onnx')
     one_line_error(cli('predict', photo, '--checkpoint', plain), 'plain.onnx', 'without this tool', 'export')
-    described = tiny_onnx(tmp_path / 'described.onnx', {'monkeypox.format': mp.ONNX_FORMAT})
+    described = tiny_onnx(tmp_path / 'described.onnx', {'monkeypox.format': mpox.onnxfile.ONNX_FORMAT})
     (tmp_path / 'cut.onnx').write_bytes(described.read_bytes()[:len(described.read_bytes()) // 2])
     one_line_error(cli('evaluate', '--data', photos, '--checkpoint', tmp_path / 'cut.onnx'), 'cut.onnx',
                    'truncated or not ONNX')

@@ -8,6 +8,14 @@ import torch
 import torchvision
 
 import monkeypox as mp
+import mpox.checkpoint
+import mpox.data
+import mpox.devices
+import mpox.features
+import mpox.files
+import mpox.model
+import mpox.precision
+import mpox.system
 from conftest import TINY, make_dataset
 
 
@@ -18,7 +26,7 @@ def config(tmp_path, *flags):
 
 
 def extract(cfg, photos, views=('eval', 'train0'), calibration=None):
-    ex = mp.Extractor(cfg, ['Monkey Pox', 'Others'], mp.resolve_weights(cfg),
+    ex = mpox.features.Extractor(cfg, ['Monkey Pox', 'Others'], mpox.model.resolve_weights(cfg),
                       calibration=photos if calibration is None else calibration)
     features, failures = ex.features(photos, list(views))
     assert not failures
@@ -28,7 +36,7 @@ def extract(cfg, photos, views=('eval', 'train0'), calibration=None):
 @pytest.fixture
 def photos(tmp_path):
     data = make_dataset(tmp_path / 'd', per_class=4)
-    return mp.read_photos(str(data))[1]
+    return mpox.data.read_photos(str(data))[1]
 
 
 def test_a_second_run_reads_the_cache_and_never_calls_the_backbone(tmp_path, photos):
@@ -48,7 +56,7 @@ def test_changing_what_determines_the_features_recomputes_them(tmp_path, photos,
     elif change == 'arch':
         cfg = config(tmp_path, '--arch', 'resnet34')
     else:
-        auto = mp.resolve_precision('auto', torch.device('cpu'), 'resnet18')
+        auto = mpox.precision.resolve_precision('auto', torch.device('cpu'), 'resnet18')
         cfg = config(tmp_path, '--precision', 'fp32' if auto != 'fp32' else 'bf16')
     again, _ = extract(cfg, photos)
     assert again.crops == 2 * len(photos)
@@ -66,7 +74,7 @@ def test_changing_one_photos_bytes_recomputes_only_that_photo(tmp_path, photos):
     from PIL import Image
     img = Image.open(photos[0].path).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     img.save(photos[0].path)
-    _, fresh = mp.read_photos(str(tmp_path / 'd'))
+    _, fresh = mpox.data.read_photos(str(tmp_path / 'd'))
     again, _ = extract(config(tmp_path, '--precision', 'fp32'), fresh)
     assert again.crops == 2  # its two views, nothing else
 
@@ -89,7 +97,7 @@ def test_a_truncated_or_tampered_pack_is_detected_and_rebuilt_not_trusted(tmp_pa
 
 
 def test_an_interrupted_write_leaves_no_pack(tmp_path):
-    cache = mp.FeatureCache(str(tmp_path), 'key', {})
+    cache = mpox.features.FeatureCache(str(tmp_path), 'key', {})
 
     class Boom(Exception):
         pass
@@ -98,19 +106,19 @@ def test_an_interrupted_write_leaves_no_pack(tmp_path):
         f.write(b'half a pack')
         raise Boom
     with pytest.raises(Boom):
-        mp.atomic_write(tmp_path / 'key' / 'pack-x.pt', write)
+        mpox.files.atomic_write(tmp_path / 'key' / 'pack-x.pt', write)
     assert list((tmp_path / 'key').iterdir()) == []
-    assert mp.FeatureCache(str(tmp_path), 'key', {}).rows == {} and cache.rows == {}
+    assert mpox.features.FeatureCache(str(tmp_path), 'key', {}).rows == {} and cache.rows == {}
 
 
 def test_many_packs_are_merged_into_one_that_holds_every_row(tmp_path):
-    cache = mp.FeatureCache(str(tmp_path), 'key', {})
+    cache = mpox.features.FeatureCache(str(tmp_path), 'key', {})
     for k in range(10):  # e.g. ten runs that each added a few photos
         cache.put([f'photo{k}:eval'], torch.full((1, 4), float(k)))
     assert len(list((tmp_path / 'key').glob('pack-*.pt'))) == 10
     cache.compact(most=8)
     assert len(list((tmp_path / 'key').glob('pack-*.pt'))) == 1
-    reread = mp.FeatureCache(str(tmp_path), 'key', {})
+    reread = mpox.features.FeatureCache(str(tmp_path), 'key', {})
     assert sorted(reread.rows) == sorted(f'photo{k}:eval' for k in range(10))
     assert all(torch.equal(reread.rows[f'photo{k}:eval'], torch.full((4,), float(k))) for k in range(10))
 
@@ -118,7 +126,7 @@ def test_many_packs_are_merged_into_one_that_holds_every_row(tmp_path):
 @pytest.mark.slow
 def test_bf16_features_agree_with_fp32_on_real_photos(msld, torch_home, tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(torch_home))
-    photos = mp.read_photos(str(msld))[1][::8]
+    photos = mpox.data.read_photos(str(msld))[1][::8]
     real = ('--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1')
     _, fp32 = extract(config(tmp_path, '--precision', 'fp32', *real), photos, ['eval'])
     _, bf16 = extract(config(tmp_path, '--precision', 'bf16', *real), photos, ['eval'])
@@ -143,7 +151,7 @@ def test_cached_and_fresh_features_train_the_same_head(tmp_path, cli):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not mp.int8_engine(), reason='int8 kernels are for x86 CPUs')
+@pytest.mark.skipif(not mpox.devices.int8_engine(), reason='int8 kernels are for x86 CPUs')
 def test_int8_features_are_keyed_by_their_calibration_photos_which_the_cache_keeps(tmp_path, photos):
     cfg = config(tmp_path, '--precision', 'int8', '--set', 'CALIBRATION_PHOTOS=3')
     first, x1 = extract(cfg, photos, calibration=photos[:4])
@@ -159,25 +167,25 @@ def test_an_int8_checkpoint_is_scored_in_int8_where_it_can_be_else_in_fp32_with_
     cpu, ranges = torch.device('cpu'), {'int8': {'qparams': {'conv1.scale': 0.1}}}
 
     def loaded(precision):
-        return mp.Loaded(None, {'precision': precision, **(ranges if precision == 'int8' else {})}, ['a', 'b'], 0, {},
+        return mpox.checkpoint.Loaded(None, {'precision': precision, **(ranges if precision == 'int8' else {})}, ['a', 'b'], 0, {},
                          0.5)
     auto = mp.parse_args(['predict', 'photo.jpg'])
-    assert mp.scoring_precision(auto, loaded('fp32'), cpu) == 'fp32'
+    assert mpox.precision.scoring_precision(auto, loaded('fp32'), cpu) == 'fp32'
     assert loaded('int8').qparams == {'conv1.scale': 0.1} and loaded('fp32').qparams is None
-    if mp.int8_engine():
-        assert mp.scoring_precision(auto, loaded('int8'), cpu) == 'int8'
-        with pytest.raises(mp.UserError, match='needs a checkpoint trained in int8'):
-            mp.scoring_precision(mp.parse_args(['predict', 'photo.jpg', '--precision', 'int8']), loaded('fp32'), cpu)
-    monkeypatch.setattr(mp, 'int8_engine', lambda: None)  # a CPU without x86 int8 kernels (ARM)
+    if mpox.devices.int8_engine():
+        assert mpox.precision.scoring_precision(auto, loaded('int8'), cpu) == 'int8'
+        with pytest.raises(mpox.system.UserError, match='needs a checkpoint trained in int8'):
+            mpox.precision.scoring_precision(mp.parse_args(['predict', 'photo.jpg', '--precision', 'int8']), loaded('fp32'), cpu)
+    monkeypatch.setattr(mpox.precision, 'int8_engine', lambda: None)  # a CPU without x86 int8 kernels (ARM)
     one = loaded('int8')
-    assert mp.scoring_precision(auto, one, cpu) == 'fp32' and mp.scoring_precision(auto, one, cpu) == 'fp32'
+    assert mpox.precision.scoring_precision(auto, one, cpu) == 'fp32' and mpox.precision.scoring_precision(auto, one, cpu) == 'fp32'
     assert capsys.readouterr().out.count('scoring in fp32') == 1  # decided once: scores and Grad-CAM ask alike
 
 
 @pytest.mark.slow
 def test_fp32_bf16_and_int8_runs_predict_what_they_validated(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=8)
-    for precision in ('fp32', 'bf16') + (('int8',) if mp.int8_engine() else ()):
+    for precision in ('fp32', 'bf16') + (('int8',) if mpox.devices.int8_engine() else ()):
         out = tmp_path / precision
         r = cli('train', '--data', data, '--batch-size', '8', '--precision', precision, '--out', out,
                 *TINY)
@@ -197,5 +205,5 @@ def test_fp32_bf16_and_int8_runs_predict_what_they_validated(tmp_path, cli):
 def test_no_cache_reads_no_hash_memo_from_the_working_folder(tmp_path, monkeypatch):
     (tmp_path / 'hashes.json').write_text('{"/some/photo.jpg": [1, 2, "not its hash"]}')
     monkeypatch.chdir(tmp_path)
-    assert mp.load_memo('') == {}  # --no-cache: nothing read from wherever the user stands
-    assert mp.load_memo(str(tmp_path)) == {'/some/photo.jpg': [1, 2, 'not its hash']}
+    assert mpox.files.load_memo('') == {}  # --no-cache: nothing read from wherever the user stands
+    assert mpox.files.load_memo(str(tmp_path)) == {'/some/photo.jpg': [1, 2, 'not its hash']}

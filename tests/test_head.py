@@ -9,6 +9,12 @@ import torch
 import torchvision
 
 import monkeypox as mp
+import mpox.data
+import mpox.features
+import mpox.head
+import mpox.metrics
+import mpox.model
+import mpox.training
 from conftest import TINY, make_dataset, one_line_error
 
 
@@ -27,12 +33,12 @@ def test_the_fit_in_the_rows_span_is_the_exact_minimiser_and_folds_back_into_a_l
     g = torch.Generator().manual_seed(0)
     y = torch.arange(rows) % classes
     x = torch.randn(rows, features, generator=g, dtype=torch.float64).clamp_min(0) + y[:, None] * 0.2  # ReLU-like
-    space = mp.RowSpace(x)
-    theta = mp.newton_softmax(space.a, y, classes, 0.3)
+    space = mpox.head.RowSpace(x)
+    theta = mpox.head.newton_softmax(space.a, y, classes, 0.3)
     weight, bias = space.linear(theta)
     assert full_gradient(x, y, weight, bias, 0.3, classes).abs().max() < 1e-5
     # the folded standardisation scores as the fit did, to within float32 rounding
-    fitted = (space.a @ theta @ mp.helmert(classes).T).softmax(1)
+    fitted = (space.a @ theta @ mpox.head.helmert(classes).T).softmax(1)
     assert (fitted - (x.float() @ weight.T + bias).softmax(1)).abs().max() < 1e-6
 
 
@@ -40,9 +46,9 @@ def test_a_large_problem_is_solved_by_conjugate_gradients_to_the_same_minimiser(
     g = torch.Generator().manual_seed(1)
     y = torch.arange(1100) % 2
     x = torch.randn(1100, 1400, generator=g, dtype=torch.float64) + y[:, None] * 0.05
-    space = mp.RowSpace(x)
+    space = mpox.head.RowSpace(x)
     assert space.a.shape[1] > 1024  # past the size for which newton_step forms the Hessian
-    weight, bias = space.linear(mp.newton_softmax(space.a, y, 2, 1.0))
+    weight, bias = space.linear(mpox.head.newton_softmax(space.a, y, 2, 1.0))
     assert full_gradient(x, y, weight, bias, 1.0, 2).abs().max() < 1e-5
 
 
@@ -50,25 +56,25 @@ def test_temperature_scaling_recovers_the_temperature_that_made_the_labels():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(20000, 3, generator=g, dtype=torch.float64) * 3
     y = torch.multinomial((logits / 2.5).softmax(1), 1, generator=g)[:, 0]
-    assert mp.fit_temperature(logits, y) == pytest.approx(2.5, rel=0.05)
+    assert mpox.head.fit_temperature(logits, y) == pytest.approx(2.5, rel=0.05)
 
 
 def test_log_loss_brier_and_ece_match_hand_computed_values():
     y = [True, False, True, True]
     p = [0.9, 0.2, 0.65, 0.3]
-    c = mp.calibration(y, p)
+    c = mpox.metrics.calibration(y, p)
     assert c['log_loss'] == pytest.approx(-(math.log(0.9) + math.log(0.8) + math.log(0.65) + math.log(0.3)) / 4)
     assert c['brier'] == pytest.approx((0.01 + 0.04 + 0.1225 + 0.49) / 4)
     # bins of width 0.1: [0.9] alone, [0.2] alone, [0.65] alone, [0.3] alone: |share - p| each, weighted 1/4
     assert c['ece'] == pytest.approx((0.1 + 0.2 + 0.35 + 0.7) / 4)
-    assert mp.calibration([True, False], [0.55, 0.58])['ece'] == pytest.approx(abs(0.5 - 0.565))  # one bin
+    assert mpox.metrics.calibration([True, False], [0.55, 0.58])['ece'] == pytest.approx(abs(0.5 - 0.565))  # one bin
 
 
 def test_the_inner_folds_keep_each_patient_together_and_take_no_seed(msld):
-    _, photos = mp.read_photos(str(msld))
-    folds = mp.inner_folds(photos)
-    assert len(set(folds)) == mp.HEAD_FOLDS and folds == mp.inner_folds(photos)
-    groups = mp.patient_groups(photos)
+    _, photos = mpox.data.read_photos(str(msld))
+    folds = mpox.head.inner_folds(photos)
+    assert len(set(folds)) == mpox.head.HEAD_FOLDS and folds == mpox.head.inner_folds(photos)
+    groups = mpox.data.patient_groups(photos)
     for g in set(groups):
         assert len({f for f, h in zip(folds, groups) if h == g}) == 1
 
@@ -142,7 +148,7 @@ def test_val_fraction_0_takes_the_threshold_from_the_inner_folds_out_of_fold_pro
     search = json.loads(next((tmp_path / 'chk' / 'cache').rglob('head-search-*.json')).read_text())
     oof = (torch.tensor(search['oof_logits']) / ckpt['head']['temperature']).softmax(2).mean(1)
     labels = [p.startswith('Monkey Pox') for p in ckpt['split']['train']]
-    assert ckpt['threshold'] == pytest.approx(mp.select_threshold(labels, oof[:, 0].tolist(), 0.9, 0.5))
+    assert ckpt['threshold'] == pytest.approx(mpox.training.select_threshold(labels, oof[:, 0].tolist(), 0.9, 0.5))
     assert ckpt['threshold'] != 0.5
 
 
@@ -170,17 +176,17 @@ def test_evaluate_and_cv_report_honest_probabilities_and_draw_the_reliability_di
 
 def test_the_weight_decay_with_the_lowest_mean_out_of_fold_log_loss_is_chosen():
     loss, se = [0.60, 0.45, 0.40, 0.42, 0.50], [0.05] * 5  # one standard error would allow 0.45 and 0.42 too
-    assert mp.choose_weight_decay(loss, se) == 2
+    assert mpox.head.choose_weight_decay(loss, se) == 2
 
 
-def search_on(x, y, grid=mp.HEAD_GRID):
+def search_on(x, y, grid=mpox.head.HEAD_GRID):
     """The weight-decay search on given features (one view a photo, two photos a patient): its result and the
     warnings fit_head printed."""
-    photos = [mp.Photo(f'/data/{"ab"[int(c)]}/P{i // 2}_{i % 2 + 1}.jpg', int(c), f'{i:064x}') for i, c in enumerate(y)]
-    features = mp.Features(photos, x[:, None].float(), y)
+    photos = [mpox.data.Photo(f'/data/{"ab"[int(c)]}/P{i // 2}_{i % 2 + 1}.jpg', int(c), f'{i:064x}') for i, c in enumerate(y)]
+    features = mpox.features.Features(photos, x[:, None].float(), y)
     cfg = mp.parse_args(['train', '--no-plot'])
-    run = mp.Run(cfg, mp.new_head(x.shape[1], 2, 0), features, features.subset([]), ['a', 'b'], 0)
-    return mp.search_weight_decay(run, grid), run
+    run = mpox.training.Run(cfg, mpox.model.new_head(x.shape[1], 2, 0), features, features.subset([]), ['a', 'b'], 0)
+    return mpox.head.search_weight_decay(run, grid), run
 
 
 def test_the_search_puts_the_penalty_where_a_synthetic_problem_calls_for_it(capsys):
@@ -190,16 +196,16 @@ def test_the_search_puts_the_penalty_where_a_synthetic_problem_calls_for_it(caps
     signal[:, 0] += 1.5 * (2 * y - 1)  # one informative feature among 40: too little penalty overfits the noise
     search, _ = search_on(signal, y)
     assert search['grid'][0] < search['choice'] < search['grid'][-1], search
-    assert search['choice'] == search['grid'][int(np.argmin(search['loss']))] and search['rule'] == mp.HEAD_RULE
+    assert search['choice'] == search['grid'][int(np.argmin(search['loss']))] and search['rule'] == mpox.head.HEAD_RULE
     separable, _ = search_on(signal + 6 * (2 * y[:, None] - 1), y)  # every feature separates the classes
     assert separable['choice'] == separable['grid'][0]  # the weakest penalty: log loss falls as the margin grows
 
 
 def test_a_weight_decay_chosen_at_an_end_of_the_grid_warns(tmp_path, cli, monkeypatch):
     data = make_dataset(tmp_path / 'd', per_class=10)
-    monkeypatch.setattr(mp, 'HEAD_GRID', (1e-3, 1e-2))  # two values: whichever is chosen is an end
+    monkeypatch.setattr(mpox.training, 'HEAD_GRID', (1e-3, 1e-2))  # two values: whichever is chosen is an end
     r = cli('train', '--data', data, '--out', tmp_path / 'chk2', *TINY)
     search = torch.load(tmp_path / 'chk2' / 'monkeypox_model.pkl', weights_only=True)['head']['search']
-    edge = mp.on_grid_edge(search)
+    edge = mpox.head.on_grid_edge(search)
     assert r.returncode == 0 and edge in ('lowest', 'highest'), r.stderr
     assert f'warning: weight decay {search["choice"]:g} is the {edge} of the 2 tried (0.001 to 0.01)' in r.stderr

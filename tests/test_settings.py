@@ -9,6 +9,9 @@ import pytest
 import torch
 
 import monkeypox as mp
+import mpox.images
+import mpox.system
+import mpox.training
 from conftest import TINY, call_main, make_dataset
 
 
@@ -42,7 +45,7 @@ def test_every_setting_is_in_cfg_with_the_constant_as_its_default():
 def test_workers_accepts_minus_one_its_constants_auto():
     assert mp.WORKERS == -1 and mp.parse_args(['train']).workers == -1
     assert mp.parse_args(['predict', 'x.jpg', '--workers', '-1']).workers == -1
-    assert mp.decode_workers(-1, torch.device('cpu')) >= 0 and mp.decode_workers(3, torch.device('cpu')) == 3
+    assert mpox.images.decode_workers(-1, torch.device('cpu')) >= 0 and mpox.images.decode_workers(3, torch.device('cpu')) == 3
     r = call_main('train', '--workers', '-2')
     assert r.returncode == 2 and '--workers' in r.stderr
 
@@ -51,7 +54,7 @@ def test_set_writes_the_runs_settings_and_leaves_the_constants_alone():
     cfg = mp.parse_args(['train', '--set', 'IMAGE_SIZE=160', '--set', 'MEAN=(0.5, 0.5, 0.5)'])
     assert cfg.image_size == 160 and cfg.mean == (0.5, 0.5, 0.5)
     assert mp.IMAGE_SIZE == 224 and mp.MEAN == (0.485, 0.456, 0.406)
-    assert mp.preprocessing(cfg)['image_size'] == 160
+    assert mpox.images.preprocessing(cfg)['image_size'] == 160
 
 
 @pytest.mark.parametrize('command', ['predict', 'evaluate'])
@@ -85,7 +88,7 @@ def test_target_sensitivity_without_positive_validation_photos_falls_back_to_the
             '--out', tmp_path / 'chk', *TINY)
     assert r.returncode == 0, r.stderr
     assert torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)['threshold'] == 0.3
-    assert mp.select_threshold([False, False], [0.2, 0.9], 0.9, fallback=0.3) == 0.3
+    assert mpox.training.select_threshold([False, False], [0.2, 0.9], 0.9, fallback=0.3) == 0.3
 
 
 def test_the_default_run_hands_predict_the_settings_it_was_given(tmp_path, cli):
@@ -108,7 +111,7 @@ def test_main_leaves_its_process_as_it_found_it(tmp_path, synthetic):
                   '--json', '--no-plot')
     assert json.loads(r.stdout)['n'] > 0
     assert signal.getsignal(signal.SIGTERM) is handler
-    assert not mp.say.muted and not mp.say.to_stderr
-    assert (mp.RANKS.rank, mp.RANKS.world, mp.RANKS.local) == (0, 1, 0)
+    assert not mpox.system.say.muted and not mpox.system.say.to_stderr
+    assert (mpox.system.RANKS.rank, mpox.system.RANKS.world, mpox.system.RANKS.local) == (0, 1, 0)
     assert torch.equal(torch.random.get_rng_state(), states[0]) and random.getstate() == states[1]
     assert np.array_equal(np.random.get_state()[1], states[2])

@@ -6,6 +6,14 @@ import pytest
 import torch
 
 import monkeypox as mp
+import mpox.devices
+import mpox.features
+import mpox.images
+import mpox.int8
+import mpox.model
+import mpox.precision
+import mpox.system
+import mpox.training
 
 PRE = {'image_size': 224, 'resize': 256, 'mean': list(mp.MEAN), 'std': list(mp.STD)}
 
@@ -26,11 +34,11 @@ def relative(a, b):
 
 @pytest.mark.parametrize('arch', ['resnet18', 'mobilenet_v2', pytest.param('vit_b_16', marks=pytest.mark.slow)])
 def test_the_inference_backbone_with_normalisation_and_batchnorm_folded_gives_the_plain_features(arch):
-    model = with_batchnorm_statistics(mp.build_model(arch, 2))
+    model = with_batchnorm_statistics(mpox.model.build_model(arch, 2))
     x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode(), mp.without_head(model):
-        plain = model(mp.normalize(x, PRE))
-    backbone, _ = mp.inference_model(model, torch.device('cpu'), 'fp32', PRE)
+    with torch.inference_mode(), mpox.model.without_head(model):
+        plain = model(mpox.images.normalize(x, PRE))
+    backbone, _ = mpox.precision.inference_model(model, torch.device('cpu'), 'fp32', PRE)
     with torch.inference_mode():
         folded = backbone(x.contiguous(memory_format=torch.channels_last))
     assert relative(folded, plain) < 1e-5
@@ -39,9 +47,9 @@ def test_the_inference_backbone_with_normalisation_and_batchnorm_folded_gives_th
 
 
 def test_fine_tuning_folds_only_the_frozen_batchnorms_and_keeps_outputs_and_gradients():
-    model = with_batchnorm_statistics(mp.build_model('resnet18', 2))
-    mp.freeze(model, 1)  # layer4 and fc train
-    folded = mp.frozen_folded(model)
+    model = with_batchnorm_statistics(mpox.model.build_model('resnet18', 2))
+    mpox.model.freeze(model, 1)  # layer4 and fc train
+    folded = mpox.training.frozen_folded(model)
     x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([0, 1, 1, 0])
     grads = []
@@ -60,30 +68,30 @@ def test_fine_tuning_folds_only_the_frozen_batchnorms_and_keeps_outputs_and_grad
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not mp.int8_engine(), reason='int8 kernels are for x86 CPUs')
+@pytest.mark.skipif(not mpox.devices.int8_engine(), reason='int8 kernels are for x86 CPUs')
 def test_an_int8_backbone_rebuilt_from_its_activation_ranges_is_the_calibrated_one_bit_for_bit():
     cpu, g = torch.device('cpu'), torch.Generator().manual_seed(3)
-    model = with_batchnorm_statistics(mp.build_model('resnet18', 2))
+    model = with_batchnorm_statistics(mpox.model.build_model('resnet18', 2))
     calibration, x = (torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=g) for n in (6, 3))
-    calibrated, _ = mp.inference_model(model, cpu, 'int8', PRE, calibrate=lambda b: b(calibration))
-    rebuilt, _ = mp.inference_model(model, cpu, 'int8', PRE, qparams=calibrated.qparams)
-    fp32, _ = mp.inference_model(model, cpu, 'fp32', PRE)
+    calibrated, _ = mpox.precision.inference_model(model, cpu, 'int8', PRE, calibrate=lambda b: b(calibration))
+    rebuilt, _ = mpox.precision.inference_model(model, cpu, 'int8', PRE, qparams=calibrated.qparams)
+    fp32, _ = mpox.precision.inference_model(model, cpu, 'fp32', PRE)
     with torch.inference_mode():
         a, b, f = (net(x.contiguous(memory_format=torch.channels_last)) for net in (calibrated, rebuilt, fp32))
     assert rebuilt.qparams == calibrated.qparams and torch.equal(a, b)
     assert torch.nn.functional.cosine_similarity(a, f).min() > 0.98  # int8 is near, not equal
     assert isinstance(model.conv1, torch.nn.Conv2d)  # the model itself stays fp32
-    with pytest.raises(mp.UserError, match='does not fit the int8 graph'):  # ranges of some other graph
-        mp.inference_model(model, cpu, 'int8', PRE, qparams={**calibrated.qparams, 'elsewhere.scale': 1.0})
+    with pytest.raises(mpox.system.UserError, match='does not fit the int8 graph'):  # ranges of some other graph
+        mpox.precision.inference_model(model, cpu, 'int8', PRE, qparams={**calibrated.qparams, 'elsewhere.scale': 1.0})
     # an observer shared by ops that pass their input's quantization on is pinned under every one of its names
-    with mp.without_head(model):
-        backbone = mp.Backbone(torch.fx.symbolic_trace(model), model, 'int8', PRE)
-    net = mp.observed_graph(backbone)
-    names = [n for n, m in net.named_modules(remove_duplicate=False) if n in mp.observers(net) or 'post_process' in n]
-    assert len(names) > len(mp.observers(net))  # resnet18 has such aliases (its max pool, its average pool)
+    with mpox.model.without_head(model):
+        backbone = mpox.precision.Backbone(torch.fx.symbolic_trace(model), model, 'int8', PRE)
+    net = mpox.int8.observed_graph(backbone)
+    names = [n for n, m in net.named_modules(remove_duplicate=False) if n in mpox.int8.observers(net) or 'post_process' in n]
+    assert len(names) > len(mpox.int8.observers(net))  # resnet18 has such aliases (its max pool, its average pool)
     # the calibration's observers see flat views of the activations, and find PyTorch's own ranges to the bit
-    flat = mp.flat_histogram_observer()
-    histograms = [o for o in mp.observers(net).values() if isinstance(o, flat.__base__)]
+    flat = mpox.int8.flat_histogram_observer()
+    histograms = [o for o in mpox.int8.observers(net).values() if isinstance(o, flat.__base__)]
     assert histograms and all(type(o) is flat for o in histograms)
     plain = copy.deepcopy(net)
     for o in plain.modules():
@@ -94,41 +102,41 @@ def test_an_int8_backbone_rebuilt_from_its_activation_ranges_is_the_calibrated_o
         backbone.net = graph  # the same Backbone: the normalisation stays folded into the first convolution
         with torch.inference_mode():
             backbone(calibration.contiguous(memory_format=torch.channels_last))
-        ranges.append({k: [float(v) for v in o.calculate_qparams()] for k, o in mp.observers(graph).items()})
+        ranges.append({k: [float(v) for v in o.calculate_qparams()] for k, o in mpox.int8.observers(graph).items()})
     assert ranges[0] == ranges[1] == calibrated.qparams
-    mp.pin_observers(net, calibrated.qparams, mp.fixed_observer)
+    mpox.int8.pin_observers(net, calibrated.qparams, mpox.int8.fixed_observer)
     assert all(type(net.get_submodule(n)).__name__ == 'FixedQParamsObserver' for n in names)
 
 
 def test_auto_extracts_a_frozen_cnn_in_int8_on_x86_cpus_when_the_crops_repay_it(monkeypatch):
     cpu, many = torch.device('cpu'), 10 ** 4
-    assert (mp.resolve_precision('auto', cpu, 'resnet101', many) == 'int8') == (mp.int8_engine() is not None)
-    assert mp.resolve_precision('auto', cpu, 'vit_b_16', many) != 'int8'  # attention models stay in bf16/fp32
-    assert mp.resolve_precision('auto', cpu, None, many) != 'int8'  # fine-tuning
-    if mp.fast_bf16() and mp.int8_engine():  # int8 from 300 crops where bf16 is the alternative
-        assert mp.resolve_precision('auto', cpu, 'resnet101', 299) == 'bf16'
-        assert mp.resolve_precision('auto', cpu, 'resnet101', 300) == 'int8'
+    assert (mpox.precision.resolve_precision('auto', cpu, 'resnet101', many) == 'int8') == (mpox.devices.int8_engine() is not None)
+    assert mpox.precision.resolve_precision('auto', cpu, 'vit_b_16', many) != 'int8'  # attention models stay in bf16/fp32
+    assert mpox.precision.resolve_precision('auto', cpu, None, many) != 'int8'  # fine-tuning
+    if mpox.devices.fast_bf16() and mpox.devices.int8_engine():  # int8 from 300 crops where bf16 is the alternative
+        assert mpox.precision.resolve_precision('auto', cpu, 'resnet101', 299) == 'bf16'
+        assert mpox.precision.resolve_precision('auto', cpu, 'resnet101', 300) == 'int8'
     monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')  # no fast bf16: int8 from 200 crops
-    assert mp.resolve_precision('auto', cpu, 'resnet101', 199) == 'fp32'
-    assert mp.resolve_precision('auto', cpu, 'resnet101', 200) == ('int8' if mp.int8_engine() else 'fp32')
+    assert mpox.precision.resolve_precision('auto', cpu, 'resnet101', 199) == 'fp32'
+    assert mpox.precision.resolve_precision('auto', cpu, 'resnet101', 200) == ('int8' if mpox.devices.int8_engine() else 'fp32')
     with pytest.raises(SystemExit):
         mp.parse_args(['train', '--precision', 'int8', '--unfreeze', '1'])
 
 
 def test_compiling_follows_the_measured_threshold(tmp_path, monkeypatch):
     cpu, cuda = torch.device('cpu'), torch.device('cuda')
-    assert not mp.compile_pays(3999, False, cpu, 'fp32') and mp.compile_pays(4000, False, cpu, 'bf16')  # cold cache
-    assert not mp.compile_pays(599, True, cpu, 'fp32') and mp.compile_pays(600, True, cpu, 'fp32')  # warm
-    assert not mp.compile_pays(10 ** 6, True, cuda, 'bf16')  # extraction on a GPU waits on decoding
-    assert not mp.compile_pays(10 ** 6, True, cpu, 'int8')  # quantized kernels are the fast path already
-    backbone, _ = mp.inference_model(mp.build_model('resnet18', 2), cpu, 'fp32', PRE)
+    assert not mpox.features.compile_pays(3999, False, cpu, 'fp32') and mpox.features.compile_pays(4000, False, cpu, 'bf16')  # cold cache
+    assert not mpox.features.compile_pays(599, True, cpu, 'fp32') and mpox.features.compile_pays(600, True, cpu, 'fp32')  # warm
+    assert not mpox.features.compile_pays(10 ** 6, True, cuda, 'bf16')  # extraction on a GPU waits on decoding
+    assert not mpox.features.compile_pays(10 ** 6, True, cpu, 'int8')  # quantized kernels are the fast path already
+    backbone, _ = mpox.precision.inference_model(mpox.model.build_model('resnet18', 2), cpu, 'fp32', PRE)
     monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'compile'))  # compiled() points torch there
     for flag, crops, compiles in (('auto', 100, False), ('never', 10 ** 6, False), ('auto', 4000, True),
                                   ('always', 1, True)):
         cfg = mp.parse_args(['train', '--compile', flag, '--device', 'cpu', '--cache', str(tmp_path), '--precision',
                              'fp32'])
-        extractor = mp.Extractor(cfg, ['a', 'b'], mp.resolve_weights(cfg))
-        fn = mp.compiled(backbone, crops, 16, extractor)
+        extractor = mpox.features.Extractor(cfg, ['a', 'b'], mpox.model.resolve_weights(cfg))
+        fn = mpox.features.compiled(backbone, crops, 16, extractor)
         assert (fn is not backbone) == compiles, (flag, crops)  # the eager backbone, untouched, or a wrapper
     # compiling happens at the first batch, not here: nothing was compiled, so no marker claims a warm cache
     assert not list((tmp_path / 'compile').glob('compiled-*'))
@@ -137,10 +145,10 @@ def test_compiling_follows_the_measured_threshold(tmp_path, monkeypatch):
 def test_a_cpu_held_below_its_bf16_units_runs_fp32(monkeypatch):
     cpu = torch.device('cpu')
     monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')  # how bench_speed.py --isa avx2 runs (bf16 would be emulated)
-    assert mp.resolve_precision('auto', cpu) == 'fp32'
+    assert mpox.precision.resolve_precision('auto', cpu) == 'fp32'
     monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX512_CORE_AMX')
     fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert mp.resolve_precision('auto', cpu) == ('bf16' if fast else 'fp32')
+    assert mpox.precision.resolve_precision('auto', cpu) == ('bf16' if fast else 'fp32')
 
 
 @pytest.mark.slow

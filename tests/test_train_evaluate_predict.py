@@ -13,27 +13,33 @@ import torch
 from PIL import Image
 
 import monkeypox as mp
+import mpox.checkpoint
+import mpox.data
+import mpox.head
+import mpox.images
+import mpox.model
+import mpox.training
 from conftest import SCRIPT, TINY, make_dataset, script_env
 
 
 def photos_of(root):
-    return mp.read_photos(str(root))[1]
+    return mpox.data.read_photos(str(root))[1]
 
 
 # --- data ------------------------------------------------------------------------------------------
 
 def test_group_key_drops_the_photo_number_but_keeps_the_class():
-    assert mp.group_key('d/Monkey Pox/P13_1.jpg') == mp.group_key('d/Monkey Pox/P13_2.jpg') == ('Monkey Pox', 'P13')
-    assert mp.group_key('d/Others/11.jpg') == mp.group_key('d/Others/11_1.jpg')
-    assert mp.group_key('d/Others/58_!.jpg') == ('Others', '58_!')
-    assert mp.group_key('d/Others/P13_1.jpg') != mp.group_key('d/Monkey Pox/P13_1.jpg')
+    assert mpox.data.group_key('d/Monkey Pox/P13_1.jpg') == mpox.data.group_key('d/Monkey Pox/P13_2.jpg') == ('Monkey Pox', 'P13')
+    assert mpox.data.group_key('d/Others/11.jpg') == mpox.data.group_key('d/Others/11_1.jpg')
+    assert mpox.data.group_key('d/Others/58_!.jpg') == ('Others', '58_!')
+    assert mpox.data.group_key('d/Others/P13_1.jpg') != mpox.data.group_key('d/Monkey Pox/P13_1.jpg')
 
 
 def test_split_keeps_each_patient_and_each_duplicate_on_one_side(msld):
     photos = photos_of(msld)
-    train, val = mp.grouped_split(photos, 0.2, seed=0)
+    train, val = mpox.data.grouped_split(photos, 0.2, seed=0)
     assert len(train) + len(val) == len(photos) == 228
-    assert {mp.group_key(p.path) for p in train}.isdisjoint({mp.group_key(p.path) for p in val})
+    assert {mpox.data.group_key(p.path) for p in train}.isdisjoint({mpox.data.group_key(p.path) for p in val})
     side = {os.path.relpath(p.path, msld): 'val' for p in val}
     # Others/34_1.jpg and Others/82_1.jpg are the same bytes under two names
     assert side.get('Others/34_1.jpg', 'train') == side.get('Others/82_1.jpg', 'train')
@@ -41,12 +47,12 @@ def test_split_keeps_each_patient_and_each_duplicate_on_one_side(msld):
 
 def test_split_is_stratified_by_class_and_fixed_by_the_seed(msld):
     photos = photos_of(msld)
-    train, val = mp.grouped_split(photos, 0.2, seed=0)
+    train, val = mpox.data.grouped_split(photos, 0.2, seed=0)
     for label, n in ((0, 102), (1, 126)):
         held = sum(p.label == label for p in val)
         assert abs(held - 0.2 * n) <= 5  # within the largest patient (5 photos)
-    assert [p.path for p in mp.grouped_split(photos, 0.2, seed=0)[1]] == [p.path for p in val]
-    assert [p.path for p in mp.grouped_split(photos, 0.2, seed=1)[1]] != [p.path for p in val]
+    assert [p.path for p in mpox.data.grouped_split(photos, 0.2, seed=0)[1]] == [p.path for p in val]
+    assert [p.path for p in mpox.data.grouped_split(photos, 0.2, seed=1)[1]] != [p.path for p in val]
 
 
 def test_train_and_val_folders_are_used_as_given(tmp_path, cli):
@@ -65,20 +71,20 @@ def test_images_of_any_mode_become_rgb(tmp_path):
     Image.new('RGBA', (20, 10), (255, 0, 0, 0)).save(tmp_path / 'clear.png')  # transparent: shows as white
     Image.new('P', (20, 10), 3).save(tmp_path / 'palette.png')
     for name in ('grey.png', 'clear.png', 'palette.png'):
-        img = mp.load_rgb(tmp_path / name)
+        img = mpox.images.load_rgb(tmp_path / name)
         assert img.mode == 'RGB' and img.size == (20, 10)
-    assert mp.load_rgb(tmp_path / 'clear.png').getpixel((0, 0)) == (255, 255, 255)
+    assert mpox.images.load_rgb(tmp_path / 'clear.png').getpixel((0, 0)) == (255, 255, 255)
 
 
 # --- model -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('arch', ['resnet101', 'resnet50', 'resnet18', 'mobilenet_v2'])
 def test_architectures_get_a_new_head_with_one_output_per_class(arch):
-    model = mp.build_model(arch, 3)
-    head, _ = mp.freeze(model)
+    model = mpox.model.build_model(arch, 3)
+    head, _ = mpox.model.freeze(model)
     assert isinstance(head, torch.nn.Linear) and head.out_features == 3
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == [f'{mp.head_name(model)}.weight',
-                                                                           f'{mp.head_name(model)}.bias']
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [f'{mpox.model.head_name(model)}.weight',
+                                                                           f'{mpox.model.head_name(model)}.bias']
     with torch.inference_mode():
         assert model(torch.randn(1, 3, 224, 224)).shape == (1, 3)
 
@@ -86,7 +92,7 @@ def test_architectures_get_a_new_head_with_one_output_per_class(arch):
 def test_backbone_is_bit_identical_after_training_batchnorm_statistics_included(trained):
     _, checkpoint = trained
     saved = torch.load(checkpoint, weights_only=True)['model']
-    fresh = mp.build_model('resnet18', 2, seed=0).state_dict()  # --weights none: same seed, same init
+    fresh = mpox.model.build_model('resnet18', 2, seed=0).state_dict()  # --weights none: same seed, same init
     backbone = [k for k in fresh if not k.startswith('fc.')]
     assert any('running_mean' in k for k in backbone)
     for k in backbone:
@@ -95,11 +101,11 @@ def test_backbone_is_bit_identical_after_training_batchnorm_statistics_included(
 
 
 def test_run_keeps_a_copy_of_the_best_epoch_not_a_reference_to_live_weights(tmp_path):
-    model = mp.build_model('resnet18', 2)
-    mp.freeze(model)
+    model = mpox.model.build_model('resnet18', 2)
+    mpox.model.freeze(model)
     cfg = mp.parse_args(['train', '--out', str(tmp_path)])
     meta = {'fingerprint': 'x', 'classes': ['a', 'b'], 'config': {}}
-    run = mp.Run(cfg, model, None, None, ['a', 'b'], 0, meta=meta, checkpoint=cfg.checkpoint)
+    run = mpox.training.Run(cfg, model, None, None, ['a', 'b'], 0, meta=meta, checkpoint=cfg.checkpoint)
     opt = torch.optim.Adam(model.fc.parameters())
     weights = []
     for epoch, score in enumerate([0.6, 0.9, 0.7], 1):
@@ -129,14 +135,14 @@ def test_checkpoint_is_self_describing_and_loads_with_weights_only(trained):
     assert set(ckpt['split']['train']).isdisjoint(ckpt['split']['val'])
     assert ckpt['versions']['torch'] == str(torch.__version__)
     assert ckpt['metrics']['balanced_accuracy'] == ckpt['history'][0]['val_balanced_accuracy']
-    assert ckpt['stage'] == 'head' and ckpt['head']['auto'] and ckpt['head']['weight_decay'] in mp.HEAD_GRID
+    assert ckpt['stage'] == 'head' and ckpt['head']['auto'] and ckpt['head']['weight_decay'] in mpox.head.HEAD_GRID
     assert ckpt['head']['search']['choice'] == ckpt['head']['weight_decay'] and ckpt['head']['temperature'] > 0
 
 
 def test_class_map_is_written_and_read_back_as_plain_data(trained):
     _, checkpoint = trained
     path = checkpoint.parent / 'class_dict.pk'
-    assert mp.read_class_map(path) == {0: 'Monkey Pox', 1: 'Others'}
+    assert mpox.checkpoint.read_class_map(path) == {0: 'Monkey Pox', 1: 'Others'}
     with open(path, 'rb') as f:
         assert pickle.load(f) == {0: 'Monkey Pox', 1: 'Others'}
 
