@@ -11,21 +11,12 @@ stored features. A research and teaching tool for datasets of photos: it is not 
     python monkeypox.py predict photo.jpg   # one line per photo, and a plot
     python monkeypox.py export              # the model as one ONNX file, for runtimes outside PyTorch
 
-Reading map: each command, and the functions it runs (defined below in this order).
-
-    (no command)  run_default: train, then predict TEST_IMAGE and show it
-    train         prepare (read_dataset, split_photos, resolve_weights, Extractor.features -> run_batches;
-                  in int8, inference_model -> quantize_int8, calibrated on training photos first)
-                  -> Run -> fit (fit_head, then finetune with --unfreeze) -> Run.finish (checkpoint files)
-    cv            prepare -> per fold: Run -> fit -> score on the unseen fold -> report
-    evaluate      load_model -> evaluation_photos -> score_photos (run_batches) -> metrics -> report
-    predict       collect_images -> load_model -> score_photos (run_batches) -> plot_predictions
-    download      fetch -> extract_rar -> layout_dataset
-    export        load_checkpoint -> onnx_graph -> onnx_metadata -> onnx_parity -> atomic_write
-                  (load_model is load_checkpoint, or load_onnx for a .onnx file: onnx_classifier scores)
-
-Sections: Settings, Commands, Data, Model, Inference, Features, Training, Metrics and reports,
-Checkpoints, ONNX, Plots, Download, Files and processes, CLI and main.
+Each command below is a short story; the machinery it calls lives in the package mpox/ beside this file,
+one module per concern: data (photos, patients, splits), images (decoding, crops), model (backbones and
+weights), devices, precision and int8 (the backbone's arithmetic), inference (the one scoring loop),
+features (extraction and its cache), fidelity (which arithmetic is faithful), head (the penalised
+regression), training (a run: head, fine-tuning, best epoch), metrics, checkpoint, onnxfile, plots,
+gradcam, download, pipeline (the steps commands share), files and system (messages, errors, ranks).
 """
 # ================================================================================================
 # Settings: edit them here, or override any of them with the flag named in its comment (those marked
@@ -69,10 +60,10 @@ DEVICE = 'auto'             # --device: cuda when present, else cpu
 PRECISION = 'auto'          # --precision: auto = int8 (frozen CNN, x86 CPU, when it pays), else bf16 if fast, else fp32
 CALIBRATION_PHOTOS = 16     # --set: int8: training photos (the first by sha256) whose crops set the activation ranges
 WORKERS = -1                # --workers: image decoding processes beside the backbone pass (-1: auto, see decode_workers)
-EXTRACT_BATCH_SIZE = 16     # --extract-batch-size: crops per backbone pass (16 was fastest for ResNet101 on 2 cores)
+EXTRACT_BATCH_SIZE = 16     # --extract-batch-size: crops per backbone pass (fastest for ResNet101 on 2 cores: docs)
 COMPILE = 'auto'            # --compile: torch.compile the backbone for extraction: auto (when it pays), always, never
-DIST_TIMEOUT = 300          # --set: seconds a torchrun rank waits for the others before failing (a rank died)
-CHECKPOINT_SECONDS = 5.0    # --set: a better epoch is written at once, but at most this often (head epochs take ms)
+DIST_TIMEOUT = 300          # --dist-timeout: seconds a torchrun rank waits for the others before failing (a rank died)
+CHECKPOINT_SECONDS = 5.0    # --checkpoint-seconds: a better epoch is written at once, but at most this often (head epochs take ms)
 
 # Preprocessing (ImageNet's, which the pretrained backbones expect)
 IMAGE_SIZE = 224            # --set: side of the square crop the backbone sees
@@ -111,8 +102,8 @@ from mpox.model import freeze, new_head
 from mpox.onnxfile import onnx_graph, onnx_metadata, onnx_modules, onnx_parity
 from mpox.pipeline import checkpoint_probabilities, load_model, prepare, report
 from mpox.plots import plot_curves, plot_predictions, plot_sheet
-from mpox.system import (NOT_A_DIAGNOSIS, RANKS, UserError, init_distributed, is_lost_peer, is_main, process_state,
-                         quiet, say, warn)
+from mpox.system import (NOT_A_DIAGNOSIS, UserError, first_line, init_distributed, is_lost_peer, is_main,
+                         messages_to_stderr, process_state, quiet, rank, say, warn, world)
 from mpox.training import Run, fit
 
 
@@ -120,7 +111,7 @@ from mpox.training import Run, fit
 # Commands: what `python monkeypox.py [command]` does, each as a short story
 
 def run_default(cfg):
-    """No command: the original script's flow. Train, then predict TEST_IMAGE and show it."""
+    """No command: train, then predict TEST_IMAGE (or a held-out validation photo) and show it."""
     checkpoint, split = train(cfg)
     image = cfg.test_image
     if not os.path.isfile(image):
@@ -129,9 +120,11 @@ def run_default(cfg):
             return
         image = split.val[0].path
         say(f'{cfg.test_image} does not exist: predicting the held-out validation photo {image} instead')
-    predict(parse_args(['predict', image, '--checkpoint', checkpoint, '--device', cfg.device, '--precision',
-                        cfg.precision, '--workers', str(cfg.workers)] + ['--no-plot'] * cfg.no_plot
-                       + [f'--set={pair}' for pair in cfg.set]))
+    shown = parse_args(['predict', image, '--checkpoint', checkpoint])
+    for key, value in vars(cfg).items():  # every setting and flag the two commands share: this run's
+        if hasattr(shown, key) and key not in ('command', 'checkpoint'):
+            setattr(shown, key, value)
+    predict(shown)
 
 
 def train(cfg):
@@ -142,7 +135,7 @@ def train(cfg):
     model = prep.extractor.model()  # built only now when every feature came from the cache
     freeze(model)
     model.cpu()
-    run = Run(cfg, model, prep.train, prep.val, prep.split.classes, prep.positive,
+    run = Run(cfg, model, prep.train_features, prep.val_features, prep.split.classes, prep.positive,
               meta=checkpoint_meta(cfg, prep), checkpoint=cfg.checkpoint)
     run.cache_dir = prep.extractor.cache.dir
     if cfg.resume:
@@ -154,14 +147,15 @@ def train(cfg):
         run.save_interrupted()
         raise
     best = run.best
-    if not len(prep.val.y):
+    if not len(prep.val_features.y):
         warn('no validation photos: every photo trained the model and this run can claim no accuracy; claim it '
              'from `python monkeypox.py cv`')
-    say(f'saved {run.checkpoint} ({best["stage"]}' + (f' epoch {best["epoch"]}' if best['stage'] != 'head' else '')
-        + (f', val balanced accuracy {best["metrics"]["balanced_accuracy"]:.3f}' if len(prep.val.y) else '')
-        + f', threshold {best["threshold"]:.2f})')
+    kept = best['stage'] if best['stage'] == 'head' else f'{best["stage"]} epoch {best["epoch"]}'
+    if len(prep.val_features.y):
+        kept += f', val balanced accuracy {best["metrics"]["balanced_accuracy"]:.3f}'
+    say(f'saved {run.checkpoint} ({kept}, threshold {best["threshold"]:.2f})')
     if not cfg.no_plot and is_main():
-        say(f'plot: {plot_curves(run.history, run.head, os.path.join(cfg.out, "curves.png"))}')
+        say(f'plot: {plot_curves(run.history, run.head_fit, os.path.join(cfg.out, "curves.png"))}')
     return run.checkpoint, prep.split
 
 
@@ -171,7 +165,7 @@ def cv(cfg):
     scored on its fold, whose patients it never saw. In int8, the patients whose photos calibrated the
     backbone train every fold and are never scored."""
     prep = prepare(cfg, every_photo=True)
-    photos, classes, positive = prep.train.photos, prep.split.classes, prep.positive
+    photos, classes, positive = prep.train_features.photos, prep.split.classes, prep.positive
     held = calibration_patients(photos, prep.extractor.calibration)  # int8: they calibrate and train, never scored
     scored = [i for i in range(len(photos)) if i not in held]
     folds = grouped_folds([photos[i] for i in scored], cfg.folds, cfg.seed)
@@ -194,23 +188,23 @@ def cv(cfg):
             model.load_state_dict(pretrained)
             freeze(model)
         else:  # the frozen backbone's features are all a head needs
-            model = new_head(prep.train.x.shape[-1], len(classes), cfg.seed)
-        run = Run(cfg, model, prep.train.subset(tr), prep.val.subset(va), classes, positive)
+            model = new_head(prep.train_features.x.shape[-1], len(classes), cfg.seed)
+        run = Run(cfg, model, prep.train_features.subset(tr), prep.val_features.subset(va), classes, positive)
         run.cache_dir = prep.extractor.cache.dir
         with quiet():
             best = fit(run)
-            p = run.probabilities(prep.val.subset(test))
-            untempered += run.probabilities(prep.val.subset(test), run.head['temperature'])
-        y = prep.val.y[test].tolist()
+            p = run.probabilities(prep.val_features.subset(test))
+            untempered += run.probabilities(prep.val_features.subset(test), run.head_fit['temperature'])
+        y = prep.val_features.y[test].tolist()
         m = metrics(y, p, classes, positive, best['threshold'])
         del m['bins']  # a fold's reliability bins: the pooled ones are drawn
         m.update(fold=k + 1, train=len(tr), val=len(va), test=len(test), epoch=best['epoch'], stage=best['stage'],
-                 weight_decay=run.head['weight_decay'], seconds=time.time() - t0)
+                 weight_decay=run.head_fit['weight_decay'], seconds=time.time() - t0)
         say(f'fold {k + 1}/{cfg.folds}: balanced accuracy {m["balanced_accuracy"]:.3f} (weight decay '
-            f'{run.head["weight_decay"]:g}, {best["stage"]} epoch {best["epoch"]}, {time.time() - t0:.0f}s)')
+            f'{run.head_fit["weight_decay"]:g}, {best["stage"]} epoch {best["epoch"]}, {time.time() - t0:.0f}s)')
         results.append(m)
         labels, probs, preds = labels + y, probs + p, preds + decide(p, positive, best['threshold'])
-        edges += [k + 1] if run.head.get('search') and on_grid_edge(run.head['search']) else []
+        edges += [k + 1] if run.head_fit.get('search') and on_grid_edge(run.head_fit['search']) else []
     if edges:
         warn(f'the weight decay chosen in fold(s) {", ".join(map(str, edges))} is an end of the grid '
              f'({HEAD_GRID[0]:g} to {HEAD_GRID[-1]:g}): the inner folds found no best penalty inside it')
@@ -361,8 +355,6 @@ device_name = checked(str, lambda v: v in ('auto', 'cpu', 'cuda') or re.fullmatc
 
 
 SETTING_FLAGS = {'IMAGE_PATH': 'data', 'SAVE_PATH': 'checkpoint', 'CACHE_DIR': 'cache'}  # else name.lower()
-SETTABLE = ('MODEL_PATH', 'TEST_FRACTION', 'CALIBRATION_PHOTOS', 'IMAGE_SIZE', 'RESIZE', 'MEAN', 'STD', 'DIST_TIMEOUT',
-            'CHECKPOINT_SECONDS')
 
 
 def setting(name):
@@ -371,35 +363,42 @@ def setting(name):
 
 
 def build_parser():
-    """The parser of every command, its defaults the settings at the top of this file as they are now."""
+    """The parser of every command, its defaults the settings at the top of this file as they are now. Flags
+    marked run_only say how a run goes, never what model it makes: a resumed run may change them."""
     d = {setting(name): globals()[name] for name in SETTINGS}
+    run_only = set()
 
-    def flag(parser, name, kind, help, **kw):  # a flag whose default is the setting it is named after
+    def flag(parser, name, kind=None, help='', only_run=False, **kw):  # default: the setting it is named after
         dest = kw.setdefault('dest', name[2:].replace('-', '_'))
-        parser.add_argument(name, type=kind, default=kw.pop('default', d.get(dest)), help=help,
-                            metavar=kw.pop('metavar', METAVARS.get(kind, 'X')), **kw)
+        if kind is not None:
+            kw.update(type=kind, metavar=kw.get('metavar', METAVARS.get(kind, 'X')))
+        if dest in d:
+            kw.setdefault('default', d[dest])
+        action = parser.add_argument(name, help=help, **kw)
+        if only_run:
+            run_only.add(action.dest)
+        return action
 
     general = argparse.ArgumentParser(add_help=False)  # every command, download included
-    general.add_argument('--debug', action='store_true', help='show tracebacks (or set MONKEYPOX_DEBUG=1)')
-    general.add_argument('--set', metavar='NAME=VALUE', action='append', default=[],
-                         help=f'override a setting without a flag of its own: {", ".join(SETTABLE)}')
+    flag(general, '--debug', help='show tracebacks (or set MONKEYPOX_DEBUG=1)', action='store_true', only_run=True)
+    settable = flag(general, '--set', metavar='NAME=VALUE', action='append', default=[], only_run=True)
     common = argparse.ArgumentParser(add_help=False, parents=[general])  # every command that runs a model
     flag(common, '--device', device_name, 'auto, cpu, cuda or cuda:N')
-    common.add_argument('--precision', choices=('auto', 'fp32', 'bf16', 'int8'), default=d['precision'],
-                        help='backbone arithmetic; auto = a frozen CNN backbone in int8 on x86 CPUs when the crops '
-                             'repay its calibration (200 crops, 300 on CPUs fast at bf16), else bf16 where the '
-                             'hardware is fast at it, else fp32')
-    flag(common, '--workers', worker_count, 'image decoding processes (-1: auto)')
-    flag(common, '--extract-batch-size', positive_int, 'crops per backbone pass')
-    common.add_argument('--compile', choices=('auto', 'always', 'never'), default=d['compile'],
-                        help='torch.compile the backbone for extraction (auto: when enough crops make it pay)')
+    flag(common, '--precision', help='backbone arithmetic; auto = the fastest of int8 (a frozen CNN on an x86 CPU, '
+         'when the crops repay it), bf16 (where the hardware is fast at it) and fp32 that reproduces fp32\'s answers '
+         'for the fitted head', choices=('auto', 'fp32', 'bf16', 'int8'))
+    flag(common, '--workers', worker_count, 'image decoding processes (-1: auto)', only_run=True)
+    flag(common, '--extract-batch-size', positive_int, 'crops per backbone pass', only_run=True)
+    flag(common, '--compile', help='torch.compile the backbone for extraction (auto: when enough crops make it pay)',
+         choices=('auto', 'always', 'never'))
+    flag(common, '--dist-timeout', positive_float, 'seconds a torchrun rank waits for the others', only_run=True)
 
     training = argparse.ArgumentParser(add_help=False)
     flag(training, '--data', str, 'class folders, or train/ + val/ folders')
     flag(training, '--weight-decay', weight_decay, "the head's L2 penalty, or auto (grouped inner cross-validation)",
          metavar='L')
     flag(training, '--epochs', positive_int, 'fine-tuning epochs (with --unfreeze)')
-    flag(training, '--finetune-epochs', positive_int, argparse.SUPPRESS, dest='epochs')  # its name until 2026-11
+    flag(training, '--finetune-epochs', positive_int, argparse.SUPPRESS, dest='epochs')  # another name of --epochs
     flag(training, '--lr', positive_float, 'Adam learning rate of the head while fine-tuning')
     flag(training, '--batch-size', positive_int, 'photos per fine-tuning step')
     flag(training, '--arch', arch_name, 'torchvision model name')
@@ -413,17 +412,19 @@ def build_parser():
          default=os.path.dirname(d['checkpoint']) or '.')
     flag(training, '--cache', str, 'feature cache folder; empty means OUT/cache')
     flag(training, '--archive-url', str, 'the MSLD archive, fetched when IMAGE_PATH is missing or empty (URL or file)',
-         metavar='URL')
-    training.add_argument('--no-download', dest='auto_download', action='store_false', default=d['auto_download'],
-                          help='never download the public photos into a missing IMAGE_PATH')
-    training.add_argument('--no-cache', action='store_true', help='keep features in memory only')
+         metavar='URL', only_run=True)
+    flag(training, '--no-download', help='never download the public photos into a missing IMAGE_PATH',
+         dest='auto_download', action='store_false', only_run=True)
+    flag(training, '--no-cache', help='keep features in memory only', action='store_true')
     flag(training, '--positive-class', str, 'class screened for', metavar='NAME')
     flag(training, '--threshold', probability, 'P(positive class) at or above which a photo is called positive')
     flag(training, '--target-sensitivity', probability, 'if > 0: highest threshold reaching this validation sensitivity')
     flag(training, '--unfreeze', non_negative_int, 'also fine-tune the last N backbone stages after the head')
     flag(training, '--backbone-lr', positive_float, 'Adam learning rate of the unfrozen stages')
-    training.add_argument('--resume', action='store_true', help='continue an interrupted run in --out')
-    training.add_argument('--no-plot', action='store_true', help='write no pictures')
+    flag(training, '--checkpoint-seconds', positive_float, 'a better epoch is written at most this often',
+         only_run=True)
+    flag(training, '--resume', help='continue an interrupted run in --out', action='store_true', only_run=True)
+    flag(training, '--no-plot', help='write no pictures', action='store_true', only_run=True)
 
     checkpoint = argparse.ArgumentParser(add_help=False)
     flag(checkpoint, '--checkpoint', str, 'checkpoint written by train', metavar='FILE')
@@ -434,8 +435,8 @@ def build_parser():
 
     parser = argparse.ArgumentParser(prog='monkeypox.py', description=__doc__.split('\n\n')[0] + ' ' +
                                      NOT_A_DIAGNOSIS, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog='With no command: train, then predict --test-image (the original '
-                                     'script\'s flow); `python monkeypox.py run --help` lists its flags.')
+                                     epilog='With no command: train, then predict --test-image (`python '
+                                     'monkeypox.py run --help` lists its flags).')
     sub = parser.add_subparsers(dest='command', metavar='command')
     parser.commands = {}
 
@@ -471,6 +472,10 @@ def build_parser():
                    help='photos to compare onnxruntime with PyTorch on (none: the checkpoint\'s validation photos)')
     p = command('cv', [training, common, output], 'cross-validation by patient: the accuracy to quote')
     flag(p, '--folds', fold_count, 'folds, whole patients at a time')
+    flags = {a.dest for p in parser.commands.values() for a in p._actions}
+    parser.unflagged = [name for name in SETTINGS if setting(name) not in flags]
+    settable.help = f'set any setting by its name; those without a flag of their own: {", ".join(parser.unflagged)}'
+    parser.run_only = sorted(run_only)
     return parser, d
 
 
@@ -484,7 +489,7 @@ def parse_args(argv):
     an entry of the result (`cfg`), also those this command has no flag for; --set writes there too."""
     parser, defaults = build_parser()
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ('-h', '--help')):
-        argv = ['run'] + list(argv)  # `python monkeypox.py [flags]` is the original script's flow
+        argv = ['run'] + list(argv)  # `python monkeypox.py [flags]`: train, then predict TEST_IMAGE
     cfg = parser.parse_args(argv)
     for key, value in defaults.items():
         if not hasattr(cfg, key):
@@ -499,6 +504,7 @@ def parse_args(argv):
                                  'drop --unfreeze or --device cuda, or use --precision fp32')
     if cfg.calibration_photos < 1:
         command_parser.error(f'--set CALIBRATION_PHOTOS={cfg.calibration_photos}: must be at least 1')
+    cfg.run_only = parser.run_only + ['download_missing', 'run_only']  # what a resumed run may change
     if cfg.command in ('run', 'train', 'cv'):
         cfg.cache = '' if cfg.no_cache else (cfg.cache or os.path.join(cfg.out, 'cache'))
         cfg.checkpoint = os.path.join(cfg.out, os.path.basename(cfg.checkpoint))
@@ -510,13 +516,13 @@ def parse_args(argv):
 
 
 def apply_settings(cfg, parser):
-    """--set NAME=VALUE into cfg, for the settings that have no flag, type-checked against their defaults
-    (nanoGPT's configurator, restricted to the names in SETTABLE)."""
+    """--set NAME=VALUE into cfg, type-checked against the setting's default (nanoGPT's configurator): any
+    setting by its name, those without a flag of their own included."""
     for pair in cfg.set:
         name, equals, text = pair.partition('=')
-        if name not in SETTABLE or not equals:
-            parser.error(f'--set {pair}: expected NAME=VALUE with NAME one of {", ".join(SETTABLE)}; '
-                         'the other settings have flags of their own')
+        if name not in SETTINGS or not equals:
+            parser.error(f'--set {pair}: expected NAME=VALUE with NAME one of the settings at the top of '
+                         f'monkeypox.py ({", ".join(SETTINGS[:4])}, ...)')
         current = getattr(cfg, setting(name))
         try:
             value = ast.literal_eval(text)
@@ -538,11 +544,10 @@ COMMANDS = {'run': run_default, 'train': train, 'evaluate': evaluate, 'predict':
 def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     debug, who = cfg.debug or os.environ.get('MONKEYPOX_DEBUG') == '1', ''
-    with process_state():
-        say.to_stderr = getattr(cfg, 'json', False)
+    with process_state(), messages_to_stderr(getattr(cfg, 'json', False)):
         try:
             init_distributed(cfg)
-            who = f' (rank {RANKS.rank})' if RANKS.world > 1 else ''
+            who = f' (rank {rank()})' if world() > 1 else ''
             COMMANDS[cfg.command](cfg)
         except UserError as e:
             if debug:
@@ -556,18 +561,18 @@ def main(argv=None):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1
         except (dist.DistError, RuntimeError) as e:
-            if RANKS.world == 1 or not is_lost_peer(e):
+            if world() == 1 or not is_lost_peer(e):
                 raise
             if debug:
                 traceback.print_exc()
-            print(f'monkeypox.py{who}: error: lost contact with the other ranks ({str(e).strip().splitlines()[0][:200]}); '
+            print(f'monkeypox.py{who}: error: lost contact with the other ranks ({first_line(e)[:200]}); '
                   'one of them died or stalled: see its log. Files written so far are complete', file=sys.stderr)
             return 1
     return 0
 
 
 def leave(code):
-    """Exit without Python's teardown of torch's modules, which took 1.6 s on 2 cores and does nothing a
+    """Exit without Python's teardown of torch's modules, which is slow (docs/speed.md) and does nothing a
     finished run needs: every file was written whole and closed, and the ranks were taken down."""
     with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said anyway
         sys.stdout.flush()

@@ -48,10 +48,9 @@ def checkpoint_meta(cfg, prep):
 
 
 def fingerprint(cfg, split, spec):
-    """What a resumed run must share with the interrupted one."""
-    keep = {k: v for k, v in vars(cfg).items() if k not in ('resume', 'workers', 'no_plot', 'extract_batch_size', 'debug',
-                                                            'dist_timeout', 'checkpoint_seconds', 'auto_download',
-                                                            'download_missing', 'archive_url')}
+    """What a resumed run must share with the interrupted one: every setting but those that say only how a
+    run goes (cfg.run_only: the flags marked so where the parser defines them), the photos and the weights."""
+    keep = {k: v for k, v in vars(cfg).items() if k not in set(getattr(cfg, 'run_only', ()))}
     ids = [[p.sha for p in split.train], [p.sha for p in split.val], spec.ident]
     return hashlib.sha256(json.dumps([keep, ids], sort_keys=True, default=str).encode()).hexdigest()
 
@@ -111,7 +110,7 @@ def load_checkpoint(path, cfg):
 
 
 def bare_state_dict_checkpoint(state, path, cfg):
-    """A bare state_dict (the original script saved one) is usable when the class names can be had
+    """A bare state_dict (torch.save(model.state_dict())) is usable when the class names can be had
     from class_dict.pk beside it and the architecture from the tensors; else say how to make it so."""
     state = {k.removeprefix('module.'): v for k, v in state.items()}
     class_map = os.path.join(os.path.dirname(os.path.abspath(path)), CLASS_MAP_NAME)
@@ -137,7 +136,7 @@ def bare_state_dict_checkpoint(state, path, cfg):
 
 
 def write_class_map(classes, path):
-    """class_dict.pk: {index: name}, pickled, as the original script wrote it."""
+    """class_dict.pk: {index: name}, pickled: the class map a bare state_dict needs beside it."""
     atomic_write(path, lambda f: pickle.dump({i: c for i, c in enumerate(classes)}, f, protocol=4))
 
 

@@ -18,7 +18,10 @@ from .inference import run_batches
 from .int8 import calibration_photos
 from .model import pretrained_model
 from .precision import inference_model, resolve_precision
-from .system import RANKS, UserError, gather, say, warn
+from .system import UserError, environment, first_line, gather, rank, say, warn, world
+
+
+FLUSH_SECONDS = 30  # a long extraction writes what it has computed at least this often
 
 
 @dataclasses.dataclass
@@ -57,8 +60,6 @@ class Extractor:
         key = hashlib.sha256(json.dumps(self.about, sort_keys=True).encode()).hexdigest()[:16]
         self.cache, self._model, self._backbone = FeatureCache(cfg.cache or None, key, self.about), None, None
         self.qparams = self.cache.read_json('int8.json') if self.precision == 'int8' else None
-        if self.precision == 'int8' and RANKS.world > 1:  # caches can differ between machines: any rank's will do,
-            self.qparams = next((q for q in gather(self.qparams) if q is not None), None)  # so all calibrate or none
         self.backbone_calls = 0  # batches that went through the backbone (the tests count them)
         self.crops, self.seconds, self.backbone_seconds = 0, 0.0, 0.0  # crops computed, wall time, time in the backbone
         self.setup_seconds = 0.0  # building the model and its inference form, once
@@ -106,9 +107,11 @@ class Extractor:
         keys = [[f'{p.sha}:{v}' for v in views] for p in photos]
         missing = {i: [v for v, k in zip(views, ks) if k not in self.cache.rows] for i, ks in enumerate(keys)}
         missing = {i: vs for i, vs in missing.items() if vs}
-        if RANKS.world > 1:  # caches can differ between machines: compute whatever any rank lacks
+        if world() > 1:  # caches can differ between machines: compute whatever any rank lacks, and take any
+            parts = gather((missing, self.qparams))  # rank's int8 ranges, so that all ranks calibrate or none does
+            self.qparams = next((q for _, q in parts if q is not None), None)
             union = {}
-            for part in gather(missing):
+            for part, _ in parts:
                 for i, vs in part.items():
                     union.setdefault(i, set()).update(vs)
             missing = {i: [v for v in views if v in union[i]] for i in union}
@@ -149,7 +152,7 @@ class Extractor:
                 for keep in (pending, own):
                     keep[0].extend(keys)
                     keep[1].append(f)
-                if time.time() - last_flush > 30:  # long extractions save as they go
+                if time.time() - last_flush > FLUSH_SECONDS:  # long extractions save as they go
                     self.cache.put(pending[0], torch.cat(pending[1]))
                     pending, last_flush = ([], []), time.time()
         except KeyboardInterrupt:
@@ -160,40 +163,38 @@ class Extractor:
         finally:
             if pending[0]:  # also on Ctrl-C: what was computed is kept, as complete packs (each rank its own)
                 self.cache.put(pending[0], torch.cat(pending[1]))
-            if RANKS.world == 1:
+            if world() == 1:
                 self.cache.compact()
             self.seconds += time.perf_counter() - t0
-        if RANKS.world > 1:  # every rank gets every feature; each wrote only its own packs
+        if world() > 1:  # every rank gets every feature; each wrote only its own packs
             failures = []
             for r, (keys, feats, fails) in enumerate(gather((own[0], torch.cat(own[1]) if own[1] else None,
                                                              failures))):
                 failures += fails
-                if r != RANKS.rank and feats is not None:
+                if r != rank() and feats is not None:
                     self.cache.rows.update(zip(keys, feats))
         return failures
 
 
+COMPILE_MIN_CROPS = {'cold': 4000, 'warm': 600}  # crops from which torch.compile repays itself (docs/speed.md)
+
+
 def compiled(backbone, crops, batch, extractor):
     """The backbone through torch.compile when --compile says so: 'auto' compiles on CPUs for extractions long
-    enough to pay for it. Measured on a 2-core Xeon with AMX (ResNet101, batch 16, bf16), alone: compiling
-    took 44 s with a cold compile cache and 8 s with a warm one (PyTorch's on-disk caches) for a pass about
-    1.4x faster (30-40 against 45-50 ms a crop); in fp32 (oneDNN held to AVX2) 42 s and 6 s for about 1.3x.
-    Within a 2,000-photo run (tests/bench_speed.py) the cold compile cost about 80 s and saved 20 ms a crop.
-    So it pays from about 4,000 crops cold, 600 warm. Not on GPUs, where extraction waits on decoding. The
-    batch is fixed (the last one padded) so that one graph serves; any failure falls back to eager."""
+    enough to repay the compile (COMPILE_MIN_CROPS, with a cold or a warm compile cache); not on GPUs, where
+    extraction waits on decoding. PyTorch's compile caches go beside the features (unless
+    TORCHINDUCTOR_CACHE_DIR names a place), set for the compiled calls only. The batch is fixed (the last one
+    padded) so that one graph serves; any failure falls back to eager."""
     cfg, device = extractor.cfg, extractor.device
     key = hashlib.sha256(json.dumps([cfg.arch, extractor.precision, device.type, batch, str(torch.__version__),
                                      backbone.folded]).encode()).hexdigest()[:16]
-    # PyTorch's compile caches (FX graphs, kernels) beside the features unless the user put them elsewhere; a
-    # marker beside them says whether this graph was compiled there before (the warm threshold applies)
+    # a marker beside the compile caches says whether this graph was compiled there before (the warm threshold)
     folder = os.environ.get('TORCHINDUCTOR_CACHE_DIR') or (os.path.join(cfg.cache, 'compile') if cfg.cache else '')
     folder = Path(folder).resolve() if folder else None
     warm = bool(folder and (folder / f'compiled-{key}').exists())
     pays = compile_pays(crops, warm, device, extractor.precision)
     if not (cfg.compile == 'always' or cfg.compile == 'auto' and pays):
         return backbone
-    if folder:
-        os.environ['TORCHINDUCTOR_CACHE_DIR'] = str(folder)
     say(f'compiling the backbone for {crops} crops (torch.compile, {"warm" if warm else "cold"} compile cache)')
     fast = torch.compile(backbone, dynamic=False)
     marker = folder / f'compiled-{key}' if folder and not warm else None  # written once the graph has run
@@ -203,24 +204,27 @@ def compiled(backbone, crops, batch, extractor):
         if fast is not None:
             try:
                 pad = x.new_zeros((batch - len(x),) + x.shape[1:]) if len(x) < batch else None
-                out = fast(x if pad is None else torch.cat([x, pad]).contiguous(memory_format=torch.channels_last))
+                with environment(TORCHINDUCTOR_CACHE_DIR=str(folder) if folder else None):
+                    out = fast(x if pad is None else torch.cat([x, pad]).contiguous(memory_format=torch.channels_last))
                 if marker:
                     marker.parent.mkdir(parents=True, exist_ok=True)
                     marker.touch()
                     marker = None
                 return out[:len(x)]
             except Exception as e:  # no compiler on this machine, an unsupported operator: eager is still right
-                why = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
-                warn(f'torch.compile failed ({why}); extracting without it')
+                warn(f'torch.compile failed ({first_line(e)[:150]}); extracting without it')
                 fast = None
         return backbone(x)
     return fn
 
 
 def compile_pays(crops, warm, device, precision):
-    """Whether compiling the backbone saves time overall (see `compiled`, where the numbers come from). Not
-    an int8 backbone: its quantized kernels are already the fast path (inductor does not take them over)."""
-    return device.type == 'cpu' and precision != 'int8' and crops >= (600 if warm else 4000)
+    """Whether compiling the backbone saves time overall. Not an int8 backbone: its quantized kernels are
+    already the fast path (inductor does not take them over)."""
+    return device.type == 'cpu' and precision != 'int8' and crops >= COMPILE_MIN_CROPS['warm' if warm else 'cold']
+
+
+MOST_PACKS = 8  # cache packs kept apart before they are merged into one, so a warm start reads few files
 
 
 class FeatureCache:
@@ -242,7 +246,7 @@ class FeatureCache:
             if data['digest'] != self.digest(keys, feats):
                 raise ValueError('digest mismatch')
         except Exception as e:
-            warn(f'feature cache {pack} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__});'
+            warn(f'feature cache {pack} is damaged ({first_line(e)});'
                  ' deleted, its features will be recomputed')
             with contextlib.suppress(OSError):
                 pack.unlink()
@@ -281,7 +285,7 @@ class FeatureCache:
         if self.dir:
             atomic_write(self.dir / name, lambda f: f.write(json.dumps(obj).encode()))
 
-    def compact(self, most=8):
+    def compact(self, most=MOST_PACKS):
         """Merge the packs into one once there are more than `most`, so a warm start reads few files."""
         if self.dir is None:
             return

@@ -1,6 +1,7 @@
 """Files written whole or not at all, content hashes, and loading torch files without running their code."""
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .system import UserError
+from .system import UserError, first_line
 
 
 def load_memo(cache):
@@ -52,7 +53,7 @@ def safe_torch_load(path, what='checkpoint'):
                         'unloaded (loading it could run code). Use a file written by this tool or by '
                         'torch.save(model.state_dict())') from e
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f'{what} {path} is truncated or corrupt ({first}); copy it again or retrain') from e
 
 
@@ -71,10 +72,15 @@ def sha256_file(path, memo=None):
     return h.hexdigest()
 
 
-UMASK = os.umask(0o022)  # read it (the only way is to set it), then put it back
-
-
-os.umask(UMASK)
+@functools.cache
+def umask():
+    """The process's umask: from /proc where Linux shows it, else by setting it and putting it back at once."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open('/proc/self/status') as f:
+            return int(next(line for line in f if line.startswith('Umask:')).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path, write):
@@ -91,7 +97,7 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file what open() would have
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file what open() would have
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f'cannot write {path}: {e.strerror or e}; the previous file, if any, is unchanged. '

@@ -43,7 +43,7 @@ def grad_cam(model, pre, qparams=None):
 
         def hook(_, __, out):  # the last call wins: a module called twice (ResNet's relu) ends with the stage
             # The stage's output, cut from the frozen backbone before it as a leaf that takes gradients: the
-            # backward pass runs through the pooling and the head only (3x faster than to the input)
+            # backward pass runs through the pooling and the head only, not back to the input
             out = saved['act'] = out.detach().requires_grad_(True)
             out.register_hook(lambda g: saved.__setitem__('grad', g))
             return out

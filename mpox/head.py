@@ -171,12 +171,15 @@ def newton_softmax(a, y, num_classes, lam, theta=None, tol=1e-9):
     return theta
 
 
+CHOLESKY_MOST = 1024  # coordinates x classes up to which newton_step forms the Hessian (docs/method.md)
+
+
 def newton_step(a, w, reg, grad):
     """H^-1 grad for the Hessian H = a^T w a + reg (w: per-row curvature blocks): by Cholesky for small problems
     (the usual few hundred coordinates: fastest), by conjugate gradients preconditioned with H's diagonal for
     large ones, where forming H would cost rows x coordinates^2."""
     m, q = grad.shape
-    if m * q <= 1024:
+    if m * q <= CHOLESKY_MOST:
         hess = torch.cat([torch.cat([(a.T * w[:, c, d]) @ a for d in range(q)], 1) for c in range(q)], 0)
         hess.diagonal().add_(reg.repeat(q, 1)[:, 0] + 1e-12)
         return torch.cholesky_solve(grad.T.reshape(-1, 1), torch.linalg.cholesky(hess)).reshape(q, m).T

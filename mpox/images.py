@@ -163,13 +163,16 @@ def backbone_input(x, device):
     return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
+MOST_DECODE_WORKERS = 4  # decoding processes 'auto' starts at most (docs/speed.md)
+CORES_PER_CPU_WORKER = 8  # on a CPU, one decoding process per this many cores: the backbone needs the rest
+
+
 def decode_workers(workers, device):
-    """Decoding processes (--workers; -1: auto). With a GPU, one per spare core (up to 4) keeps it fed.
-    On a CPU the backbone's threads already use every core and extra processes only compete with them: on
-    2 cores, 1 worker made extraction 16% slower than decoding in the main process (MSLD, ResNet101, bf16)."""
+    """Decoding processes (--workers; -1: auto). With a GPU, one per spare core keeps it fed. On a CPU the
+    backbone's threads already use every core and extra processes compete with them, so few or none."""
     if workers >= 0:
         return workers
     cores = os.cpu_count() or 1
     if device.type == 'cuda':
-        return max(0, min(4, cores - 1))
-    return 0 if cores <= 4 else min(4, cores // 8)
+        return max(0, min(MOST_DECODE_WORKERS, cores - 1))
+    return min(MOST_DECODE_WORKERS, cores // CORES_PER_CPU_WORKER)

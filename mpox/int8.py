@@ -1,26 +1,22 @@
 """int8: a frozen backbone quantized after training, its activation ranges calibrated on training photos."""
 
+import contextlib
 import copy
 import functools
-import warnings
 
 import torch
 import torch.nn as nn
 
 from .data import patient_groups
 from .devices import fast_bf16, int8_engine
-from .system import UserError, gather
+from .system import UserError, gather, hidden_warnings
 
 
 def int8_pays(arch, crops):
-    """Whether 'auto' extracts `arch`'s features in int8 for a run of `crops` crops: CNN families whose
+    """Whether 'auto' tries `arch`'s features in int8 for a run of `crops` crops: CNN families whose
     quantized graph was checked to build and run (attention models stay in bf16/fp32), on a CPU with int8
-    kernels, when the crops repay calibrating and building the int8 graph. Measured for ResNet101 on 2
-    cores: that costs 8-11 s (4-5 s of it the calibration), and saves about 68 ms a crop against fp32 held
-    to AVX2 (156 -> 88 ms) and 30 against bf16 with AMX (50-60 -> 20-27 ms): it pays from about 200 crops
-    without fast bf16 and 300 with it (the 410 crops of `train` on the MSLD photos: 25.8 s against 31.2 s
-    cold, whole process, one run each). MobileNetV2's grouped cross-validated balanced accuracy, paired
-    over 15 folds: -0.008 (se 0.011) against fp32 (README, Precision)."""
+    kernels, when the crops repay calibrating and building the int8 graph (INT8_MIN_CROPS, against fp32 or
+    against a CPU's fast bf16; docs/precision.md). Whether int8 is then kept is the fidelity check's call."""
     families = ('resnet', 'resnext', 'wide_resnet', 'regnet', 'vgg', 'mobilenet', 'efficientnet')  # not DenseNet:
     # its int8 concatenations join inputs quantized on different scales, which PyTorch warns is inaccurate
     least = INT8_MIN_CROPS['fast bf16' if fast_bf16() else 'fp32']
@@ -28,6 +24,23 @@ def int8_pays(arch, crops):
 
 
 INT8_MIN_CROPS = {'fp32': 200, 'fast bf16': 300}  # crops from which int8 repays its build, against each (docs)
+# what torch.ao.quantization says on every use: its deprecation in favour of torchao, the x86 recipe's own
+# reduce_range setting, and quantized tensors' future; any other warning shows
+QUANTIZATION_NOTICES = ((DeprecationWarning, 'torch.ao.quantization is deprecated'),
+                        (UserWarning, 'Please use quant_min and quant_max to specify the range for observers'),
+                        (UserWarning, 'torch.quantize_per_tensor, torch.quantize_per_channel and other quantized'))
+
+
+@contextlib.contextmanager
+def quantization():
+    """PyTorch's x86 int8 engine for the block (put back after it), its routine notices hidden."""
+    saved = torch.backends.quantized.engine
+    torch.backends.quantized.engine = int8_engine() or saved
+    try:
+        with hidden_warnings(*QUANTIZATION_NOTICES):
+            yield
+    finally:
+        torch.backends.quantized.engine = saved
 
 
 def quantize_int8(backbone, qparams=None, calibrate=None):
@@ -37,11 +50,10 @@ def quantize_int8(backbone, qparams=None, calibrate=None):
     activation ranges: `qparams` (a checkpoint's: each observer's scale and zero point), else those
     HistogramObservers find while `calibrate(backbone)` runs crops through it (rank 0's, under torchrun).
     Either way the ranges are pinned (FixedQParamsObserver) before converting: the same qparams give the
-    same network bit for bit. torch.ao.quantization is deprecated in favour of torchao, which needs
-    torch.compile to be fast; it is still shipped and exact, and its warnings are kept quiet."""
+    same network bit for bit. torch.ao.quantization is deprecated in favour of torchao, whose quantization
+    needs torch.compile to be fast; it is still shipped and exact, and its routine notices are hidden."""
     from torch.ao.quantization.quantize_fx import convert_fx
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # deprecation notices, and reduce_range's
+    with quantization():
         net = observed_graph(backbone)
         if qparams is None:
             backbone.net = net
@@ -62,10 +74,8 @@ def observed_graph(backbone):
                         'int8 needs; use --precision fp32')
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_fx
-    torch.backends.quantized.engine = int8_engine() or torch.backends.quantized.engine
     size = backbone.pre['image_size']
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # deprecation notices, and reduce_range's
+    with quantization():
         net = prepare_fx(copy.deepcopy(backbone.net), get_default_qconfig_mapping('x86'),
                          (torch.zeros(1, 3, size, size),))
     flat = flat_histogram_observer()
@@ -78,8 +88,8 @@ def observed_graph(backbone):
 @functools.cache
 def flat_histogram_observer():
     """PyTorch's HistogramObserver, shown each activation as one flat run of memory: its min, max and
-    histogram do not depend on the order of the values, and on channels_last activations its reductions
-    ran 1.6x faster so (ResNet101's calibration: 6.7 -> 4.2 s on 2 cores; the same ranges to the bit)."""
+    histogram do not depend on the order of the values, and on channels_last activations a flat view spares
+    its reductions a strided walk: the same ranges to the bit, found faster (docs/precision.md)."""
     from torch.ao.quantization.observer import HistogramObserver
 
     class FlatHistogramObserver(HistogramObserver):
@@ -130,7 +140,8 @@ class FakeQuant(nn.Module):
     def forward(self, x):
         if x.requires_grad:
             return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero, self.low, self.high)
-        # onto the same grid, 3x faster than the fused op on CPU; before Grad-CAM's stage nothing needs gradients
+        # onto the same grid in plain arithmetic, cheaper than the fused op on CPU; before Grad-CAM's stage nothing
+        # needs gradients
         return x.div(self.scale).round_().add_(self.zero).clamp_(self.low, self.high).sub_(self.zero).mul_(self.scale)
 
 
@@ -139,8 +150,7 @@ def int8_emulation(backbone, qparams):
     replaced by its rounding (FakeQuant) and the weights rounded per channel as the int8 kernels hold them.
     It follows the int8 network closely, not bit for bit (the kernels round their sums otherwise)."""
     from torch.ao.quantization import get_default_qconfig_mapping
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
+    with quantization():
         net = observed_graph(backbone)
         pin_observers(net, qparams, FakeQuant)
         weight_observer = get_default_qconfig_mapping('x86').global_qconfig.weight
@@ -159,8 +169,8 @@ def int8_emulation(backbone, qparams):
 
 def calibration_patients(photos, calibration):
     """Indices of the photos of every patient with a photo in `calibration`: cv never scores them, so no
-    scored photo shaped the int8 activation ranges (measured: calibrating on photos cv then scored made
-    its balanced accuracy about a point higher than calibrating without them)."""
+    scored photo shaped the int8 activation ranges (calibrating on photos it then scores flatters cv:
+    docs/precision.md)."""
     if not calibration:
         return set()
     groups, chosen = patient_groups(photos), {p.path for p in calibration}

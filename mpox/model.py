@@ -4,14 +4,13 @@ import contextlib
 import dataclasses
 import os
 import sys
-import warnings
 
 import torch
 import torch.nn as nn
 import torchvision
 
 from .files import safe_torch_load, sha256_file
-from .system import UserError
+from .system import UserError, first_line, hidden_warnings
 
 
 CHECKPOINT_FORMAT = 'monkeypox.py checkpoint'
@@ -57,8 +56,7 @@ def pretrained_model(cfg, spec, num_classes):
 
 def construct(arch, meta):
     """torchvision's `arch`, parameters on the meta device (no memory, no init) when `meta`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', FutureWarning)  # googlenet/inception init notices
+    with hidden_warnings((FutureWarning, 'The default weight initialization of')):  # googlenet, inception_v3
         if meta:
             try:
                 with torch.device('meta'):
@@ -209,7 +207,7 @@ def load_weights(arch, spec):
         return torch.hub.load_state_dict_from_url(spec.url, progress=sys.stderr.isatty(), check_hash=True,
                                                   weights_only=True, map_location='cpu')
     except Exception as e:
-        reason = getattr(e, 'reason', None) or str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = getattr(e, 'reason', None) or first_line(e)
         raise UserError(f'cannot load {spec.name}: {file} is not there and downloading {spec.url} failed '
                         f'({reason}). Put the file there (or set MODEL_PATH / --weights to a copy of it), '
                         'or pass --weights none for random weights') from e

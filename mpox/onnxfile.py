@@ -6,7 +6,6 @@ import io
 import json
 import os
 import tempfile
-import warnings
 
 import torch
 import torch.nn as nn
@@ -18,7 +17,7 @@ from .devices import int8_engine
 from .files import sha256_file
 from .images import normalize
 from .inference import classifier, score_photos
-from .system import NOT_A_DIAGNOSIS, RANKS, UserError
+from .system import NOT_A_DIAGNOSIS, UserError, first_line, world
 
 
 ONNX_FORMAT = 'monkeypox.py onnx 1'
@@ -40,10 +39,9 @@ def onnx_graph(loaded, opset, onnx):
     """torch.onnx.export of the model and a softmax on normalised fp32 images, batch size free, weights inside
     the one file (this torch writes them beside it by default: a single file is what atomic writing, the
     checksum and the truncation checks need)."""
-    net = nn.Sequential(loaded.model.float().eval(), nn.Softmax(1))
+    net = nn.Sequential(loaded.model.float(), nn.Softmax(1)).eval()
     size = loaded.pre['image_size']
-    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
-        warnings.simplefilter('ignore')
+    with tempfile.TemporaryDirectory() as tmp:
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):  # the exporter's chatter
             torch.onnx.export(net, (torch.zeros(2, 3, size, size),), os.path.join(tmp, 'model.onnx'),
@@ -113,7 +111,7 @@ def load_onnx(path, cfg):
         raise UserError('--explain draws Grad-CAM, which needs the PyTorch checkpoint: pass it as --checkpoint')
     refused = [f'--precision {cfg.precision}'] if cfg.precision in ('bf16', 'int8') else []
     refused += [f'--device {cfg.device}'] if cfg.device not in ('auto', 'cpu') else []
-    refused += ['torchrun'] if RANKS.world > 1 else []
+    refused += ['torchrun'] if world() > 1 else []
     if refused:
         raise UserError(f'{path}: an ONNX file runs in fp32 on the CPU, in one process; drop {" and ".join(refused)}, '
                         'or score the PyTorch checkpoint')
@@ -124,7 +122,7 @@ def load_onnx(path, cfg):
         model = onnx.load(path)
         onnx.checker.check_model(model)
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
+        first = first_line(e)[:150]
         raise UserError(f'{path} is not a readable ONNX file ({first}): truncated or not ONNX; export it again') from e
     meta = {p.key: p.value for p in model.metadata_props}
     if meta.get('monkeypox.format') != ONNX_FORMAT:

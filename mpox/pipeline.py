@@ -32,8 +32,8 @@ class Prepared:
     spec: 'WeightsSpec'      # the backbone's weights
     positive: int            # index of the screened class (None: none)
     extractor: 'Extractor'   # the frozen backbone and its feature cache
-    train: 'Features'        # the stored random views of the training photos
-    val: 'Features'          # the evaluation view of the validation photos
+    train_features: 'Features'  # the stored random views of the training photos
+    val_features: 'Features'    # the evaluation view of the validation photos
     fidelity: list           # each faster arithmetic tried, checked against fp32 (check_fidelity), in order
 
 

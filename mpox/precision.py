@@ -1,5 +1,6 @@
 """The backbone's arithmetic (fp32, bf16, int8) and the inference form every scoring pass goes through."""
 
+import contextlib
 import copy
 
 import torch
@@ -7,7 +8,7 @@ import torch.nn as nn
 
 from .devices import autocast, fast_bf16, int8_engine, resolve_device
 from .images import normalize
-from .int8 import int8_pays, quantize_int8
+from .int8 import int8_pays, quantization, quantize_int8
 from .model import head_name, without_head
 from .system import UserError, say
 
@@ -60,9 +61,8 @@ def inference_model(model, device, precision, pre, qparams=None, calibrate=None)
     """The backbone and the head for passes without gradients (features, predict, evaluate, validation).
     The backbone takes uint8 crops, channels_last. Traced with torch.fx, it is rewritten exactly: the
     normalisation goes into the first convolution's weights (Backbone), and in fp32 each BatchNorm is folded
-    into the convolution before it. In bf16 the BatchNorms stay, under autocast: folding first and rounding
-    the folded weights to bf16 ran 1.4x faster but cost 1.4 points of cross-validated accuracy (MobileNetV2,
-    MSLD, 6 fold seeds). In int8 the graph is quantized (quantize_int8) with the activation ranges `qparams`,
+    into the convolution before it. In bf16 the BatchNorms stay, under autocast: rounding folded weights to
+    bf16 is faster but costs accuracy (docs/precision.md). In int8 the graph is quantized (quantize_int8) with the activation ranges `qparams`,
     or those `calibrate` measures (then found in backbone.qparams). Every pass that scores photos goes
     through here, so training, evaluate and predict compute the same numbers."""
     model.to(device)
@@ -102,7 +102,8 @@ class Backbone(nn.Module):
 
     def forward(self, x):
         x = x.float() - self.shift if self.folded else normalize(x, self.pre)
-        with autocast(x.device, self.precision):
+        int8 = quantization() if self.precision == 'int8' else contextlib.nullcontext()  # its engine, in the pass
+        with autocast(x.device, self.precision), int8:
             if self.net is not None:
                 return self.net(x)
             with without_head(self.model):

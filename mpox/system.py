@@ -1,13 +1,14 @@
 """Messages, errors and the processes of a run: what the user is told (say, warn), the one-line UserError,
 and where this process stands among the ranks of a torchrun."""
 
-import argparse
 import contextlib
+import contextvars
 import datetime
 import os
 import random
 import signal
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -21,13 +22,14 @@ class UserError(Exception):
     """Bad input or usage: reported in one line, exit code 2, no traceback."""
 
 
+MUTED = contextvars.ContextVar('mpox.muted', default=False)        # quiet(): per-epoch lines of cv's folds
+TO_STDERR = contextvars.ContextVar('mpox.to_stderr', default=False)  # messages_to_stderr(): while stdout is JSON
+
+
 def say(*args, **kwargs):
-    """Progress and reports: stdout, or stderr while stdout carries --json output."""
-    if not say.muted:
-        print(*args, **kwargs, file=sys.stderr if say.to_stderr else sys.stdout, flush=True)
-
-
-say.to_stderr = say.muted = False
+    """Progress and reports, from rank 0 only: stdout, or stderr while stdout carries --json output."""
+    if not MUTED.get() and is_main():
+        print(*args, **kwargs, file=sys.stderr if TO_STDERR.get() else sys.stdout, flush=True)
 
 
 def warn(message):
@@ -36,27 +38,79 @@ def warn(message):
 
 
 @contextlib.contextmanager
-def quiet():
-    """Silence the per-epoch lines (cv trains many heads and prints one table)."""
-    saved, say.muted = say.muted, True
+def scoped(var, value):
+    """A context variable set for the block, and put back after it."""
+    token = var.set(value)
     try:
         yield
     finally:
-        say.muted = saved
+        var.reset(token)
 
 
-RANKS = argparse.Namespace(rank=0, world=1, local=0)  # where this process stands under torchrun (0 of 1 without)
+def quiet():
+    """Silence `say` in the block (cv trains many heads and prints one table)."""
+    return scoped(MUTED, True)
+
+
+def muted():
+    return MUTED.get()
+
+
+def messages_to_stderr(on=True):
+    """`say` writes to stderr in the block, so that stdout carries only the --json output."""
+    return scoped(TO_STDERR, on)
+
+
+@contextlib.contextmanager
+def environment(**variables):
+    """Environment variables set for the block (None: left as they are), and put back after it."""
+    saved = {k: os.environ.get(k) for k, v in variables.items() if v is not None}
+    os.environ.update({k: v for k, v in variables.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def hidden_warnings(*rules):
+    """The warnings matching one of `rules`, (category, the start of the message as a regex), hidden in the
+    block; every other warning is shown as usual."""
+    with warnings.catch_warnings():
+        for category, message in rules:
+            warnings.filterwarnings('ignore', message=message, category=category)
+        yield
+
+
+def first_line(e):
+    """An exception's message in one line (its type's name when it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def rank():
+    """This process's rank under torchrun, 0 without: the process group, when there is one, is the state."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world():
+    """The number of ranks: 1 without torchrun."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_main():
-    return RANKS.rank == 0
+    return rank() == 0
 
 
 def gather(obj):
     """Every rank's `obj`, in rank order ([obj] in a single process)."""
-    if RANKS.world == 1:
+    if world() == 1:
         return [obj]
-    out = [None] * RANKS.world
+    out = [None] * world()
     dist.all_gather_object(out, obj)
     return out
 
@@ -65,24 +119,22 @@ def my_chunks(n, size):
     """This rank's share of range(n) in fixed chunks: chunk k is [k*size, (k+1)*size) and rank r takes chunks
     r, r+W, ...: every item is processed once, in a batch that is the same whatever the number of ranks."""
     chunks = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
-    return chunks[RANKS.rank::RANKS.world]
+    return chunks[rank()::world()]
 
 
 def init_distributed(cfg):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs), pin this rank
-    to its local GPU, and let only rank 0 speak."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world <= 1:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs) and pin this rank
+    to its local GPU. Only rank 0 speaks (say)."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
         return
     if cfg.command == 'download':
         raise UserError('download runs in one process: use python monkeypox.py download, not torchrun')
-    RANKS.rank, RANKS.world, RANKS.local = int(os.environ['RANK']), world, int(os.environ.get('LOCAL_RANK', '0'))
+    local = int(os.environ.get('LOCAL_RANK', '0'))
     cuda = cfg.device != 'cpu' and torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(RANKS.local)
-        cfg.device = f'cuda:{RANKS.local}'
+        torch.cuda.set_device(local)
+        cfg.device = f'cuda:{local}'
     dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-    say.muted = not is_main()
 
 
 def is_lost_peer(e):
@@ -97,11 +149,10 @@ def stop_on_sigterm(signum, frame):
 
 @contextlib.contextmanager
 def process_state():
-    """What main() changes in its process, put back when it returns: the SIGTERM handler, the message
-    switches, the torchrun ranks and the global random generators (so that main can run many times in
-    one process, as the tests run it)."""
-    saved = (signal.getsignal(signal.SIGTERM), say.muted, say.to_stderr, dict(vars(RANKS)),
-             torch.random.get_rng_state(), random.getstate(), np.random.get_state())
+    """What a run changes in its process, put back when it ends: the SIGTERM handler, the process group of a
+    torchrun, and the global random generators that building models seeds (so that main can run many times
+    in one process, as the tests run it, and leave its caller's generators as they were)."""
+    saved = (signal.getsignal(signal.SIGTERM), torch.random.get_rng_state(), random.getstate(), np.random.get_state())
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         yield
@@ -109,8 +160,6 @@ def process_state():
         if dist.is_initialized():
             dist.destroy_process_group()
         signal.signal(signal.SIGTERM, saved[0])
-        say.muted, say.to_stderr = saved[1], saved[2]
-        vars(RANKS).update(saved[3])
-        torch.random.set_rng_state(saved[4])
-        random.setstate(saved[5])
-        np.random.set_state(saved[6])
+        torch.random.set_rng_state(saved[1])
+        random.setstate(saved[2])
+        np.random.set_state(saved[3])

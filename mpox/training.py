@@ -21,7 +21,7 @@ from .inference import classifier, score_photos
 from .metrics import calibration, metrics
 from .model import freeze, head_name, trainable_state
 from .precision import resolve_precision
-from .system import RANKS, UserError, gather, is_main, say, warn
+from .system import UserError, gather, is_main, muted, rank, say, warn, world
 
 
 class Run:
@@ -34,7 +34,7 @@ class Run:
     def __init__(self, cfg, model, train, val, classes, positive, meta=None, checkpoint=None):
         self.cfg, self.model, self.train, self.val = cfg, model, train, val
         self.classes, self.positive, self.meta, self.resume = classes, positive, meta, None
-        self.head, self.cache_dir = {}, None  # the head's fit (fit_head); where its search is kept
+        self.head_fit, self.cache_dir = {}, None  # the head's fit (fit_head); where its search is kept
         self.oof_logits = None  # the inner folds' out-of-fold logits of the training views, tempered (fit_head)
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -68,12 +68,12 @@ class Run:
                 self.write_best()
             torch_save({'format': 'monkeypox.py resume', 'fingerprint': self.meta['fingerprint'], 'stage': stage,
                         'epoch': epoch, 'trainable': trainable_state(self.model), 'history': self.history,
-                        'optimizer': optimizer.state_dict() if optimizer else None, 'head': self.head,
+                        'optimizer': optimizer.state_dict() if optimizer else None, 'head': self.head_fit,
                         'best': dict(self.best)}, os.path.join(self.cfg.out, RESUME_NAME))
 
     def restore(self, resume):
         self.resume, self.history, self.best, self.best_written = resume, resume['history'], resume['best'], None
-        self.head = resume['head']
+        self.head_fit = resume['head']
 
     def probabilities(self, f, temperature=1.0):
         """Class probabilities of the photos of `f` from their evaluation view: the head on the stored
@@ -95,7 +95,7 @@ class Run:
         b = self.best
         ckpt = {**self.meta, 'model': {k: v.detach().cpu() for k, v in state.items()}, 'epoch': b['epoch'],
                 'stage': b['stage'], 'threshold': b['threshold'], 'metrics': b['metrics'], 'history': self.history,
-                'head': {k: v for k, v in self.head.items() if k != 'scale'}}
+                'head': {k: v for k, v in self.head_fit.items() if k != 'scale'}}
         torch_save(ckpt, self.checkpoint)
         write_class_map(ckpt['classes'], os.path.join(os.path.dirname(self.checkpoint), CLASS_MAP_NAME))
         self.best_written, self.last_write = self.best, time.time()
@@ -147,7 +147,7 @@ def fit_head(run):
                         'patient); add photos' + (', or pass --weight-decay NUMBER (e.g. 1)' if auto else ''))
     lam = search['choice'] if search else float(cfg.weight_decay)
     edge = on_grid_edge(search) if auto else None
-    if edge and not say.muted:  # cv's folds and the fidelity check fit quietly: cv says it once
+    if edge and not muted():  # cv's folds and the fidelity check fit quietly: cv says it once
         warn(f'weight decay {lam:g} is the {edge} of the {len(search["grid"])} tried ({search["grid"][0]:g} to '
              f'{search["grid"][-1]:g}): the inner folds found no best penalty inside the grid, so a value beyond it may '
              'fit better; pass --weight-decay NUMBER to try one')
@@ -161,25 +161,36 @@ def fit_head(run):
         head.weight.copy_(weight / temperature)
         head.bias.copy_(bias / temperature)
         logits = head(x.float())
-    run.head = {'weight_decay': lam, 'auto': auto, 'scale': space.std.float(), 'temperature': temperature,
+    run.head_fit = {'weight_decay': lam, 'auto': auto, 'scale': space.std.float(), 'temperature': temperature,
                 'search': {k: v for k, v in search.items() if k != 'oof_logits'} if auto else None}
     threshold = cfg.threshold
     if search and run.positive is not None:
         truth = [v == run.positive for v in run.train.y.tolist()]
         oof_p = [(oof / t).softmax(2).mean(1)[:, run.positive].tolist() for t in (1.0, temperature)]  # views averaged
-        run.head['ece'] = {'before': calibration(truth, oof_p[0])['ece'], 'after': calibration(truth, oof_p[1])['ece']}
+        run.head_fit['ece'] = {'before': calibration(truth, oof_p[0])['ece'], 'after': calibration(truth, oof_p[1])['ece']}
         if tune:
             threshold = select_threshold(truth, oof_p[1], cfg.target_sensitivity, cfg.threshold)
     val = validate(lambda: head(run.val.x[:, 0].float()), run.val.y, run.classes, run.positive,
                    cfg) if len(run.val.y) else None
-    say(f'head: weight decay {lam:g}' + (f', chosen by {search["folds"]} inner folds by patient (out-of-fold log loss '
-                                         f'{search["loss"][search["grid"].index(lam)]:.3f})' if auto else ' (given)')
-        + (f'; temperature {temperature:.2f}' + (f' (out-of-fold ECE {run.head["ece"]["before"]:.3f} -> '
-                                                 f'{run.head["ece"]["after"]:.3f})' if 'ece' in run.head else '')
-           if search and not cfg.unfreeze else '') + f'; {len(x)} views of {len(run.train.y)} photos, '
+    say(head_line(run.head_fit, search, cfg.unfreeze) + f'; {len(x)} views of {len(run.train.y)} photos, '
         f'{time.time() - t0:.2f}s')
     stats = {'loss': F.cross_entropy(logits, y).item(), 'accuracy': (logits.argmax(1) == y).float().mean().item()}
     run.end_epoch('head', 1, 1, stats, val, None, time.time() - t0, threshold)
+
+
+def head_line(fit, search, unfreeze):
+    """The head's line: its penalty and how it was chosen, and its temperature with what that did."""
+    line = f'head: weight decay {fit["weight_decay"]:g}'
+    if fit['auto']:
+        loss = search['loss'][search['grid'].index(fit['weight_decay'])]
+        line += f', chosen by {search["folds"]} inner folds by patient (out-of-fold log loss {loss:.3f})'
+    else:
+        line += ' (given)'
+    if search and not unfreeze:
+        line += f'; temperature {fit["temperature"]:.2f}'
+        if 'ece' in fit:
+            line += f' (out-of-fold ECE {fit["ece"]["before"]:.3f} -> {fit["ece"]["after"]:.3f})'
+    return line
 
 
 def validate(logits_fn, y, classes, positive, cfg):
@@ -187,8 +198,7 @@ def validate(logits_fn, y, classes, positive, cfg):
     threshold the checkpoint will carry (--threshold, or the highest reaching --target-sensitivity) and
     the metrics at that threshold ('operating': stored, so they are what `evaluate` reports on the same
     photos). Epochs are compared at the fixed threshold: comparing them at a threshold tuned on the same
-    photos picked epochs whose tuning flattered them, and cut cross-validated sensitivity at
-    --target-sensitivity 0.8 from 0.83 to 0.75 (MobileNetV2, MSLD)."""
+    photos picks epochs whose tuning flatters them (docs/method.md)."""
     with torch.no_grad():
         logits = logits_fn()
     loss = F.cross_entropy(logits, y).item()
@@ -214,21 +224,21 @@ def finetune(run):
             run.best['state'][k] = v.detach().clone()
     model.to(device).to(memory_format=torch.channels_last)
     net = frozen_folded(model) if run.precision == 'fp32' else model
-    net = net if RANKS.world == 1 else nn.parallel.DistributedDataParallel(  # gradients averaged across ranks
+    net = net if world() == 1 else nn.parallel.DistributedDataParallel(  # gradients averaged across ranks
         net, device_ids=[device.index] if device.type == 'cuda' else None)
     optimizer = torch.optim.Adam([{'params': list(head.parameters()), 'lr': cfg.lr},
                                   {'params': [p for s in stages for p in s.parameters()], 'lr': cfg.backbone_lr}])
     # one sampler for one process or many: its seeded permutation makes the global batches the same
-    sampler = torch.utils.data.DistributedSampler(range(len(run.train.photos)), num_replicas=RANKS.world,
-                                                  rank=RANKS.rank, shuffle=True, seed=cfg.seed)
-    base_lrs, per_rank = [g['lr'] for g in optimizer.param_groups], max(1, cfg.batch_size // RANKS.world)
+    sampler = torch.utils.data.DistributedSampler(range(len(run.train.photos)), num_replicas=world(),
+                                                  rank=rank(), shuffle=True, seed=cfg.seed)
+    base_lrs, per_rank = [g['lr'] for g in optimizer.param_groups], max(1, cfg.batch_size // world())
     steps = math.ceil(len(sampler) / per_rank)  # per epoch, the same on every rank
     start = 1
     if run.resume and run.resume['stage'] == 'finetune':
         model.load_state_dict(run.resume['trainable'], strict=False)
         optimizer.load_state_dict(run.resume['optimizer'])
         start = run.resume['epoch'] + 1
-    pre, scale = preprocessing(cfg), run.head['scale'].to(device)
+    pre, scale = preprocessing(cfg), run.head_fit['scale'].to(device)
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
         sampler.set_epoch(epoch)
@@ -249,7 +259,7 @@ def finetune(run):
             with autocast(device, run.precision):
                 logits = net(x).float()
             loss = F.cross_entropy(logits, y)  # and the head's penalty, as it was fit: on standardised features
-            loss = loss + run.head['weight_decay'] / 2 * (head.weight * scale).square().sum()
+            loss = loss + run.head_fit['weight_decay'] / 2 * (head.weight * scale).square().sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

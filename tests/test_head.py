@@ -209,3 +209,15 @@ def test_a_weight_decay_chosen_at_an_end_of_the_grid_warns(tmp_path, cli, monkey
     edge = mpox.head.on_grid_edge(search)
     assert r.returncode == 0 and edge in ('lowest', 'highest'), r.stderr
     assert f'warning: weight decay {search["choice"]:g} is the {edge} of the 2 tried (0.001 to 0.01)' in r.stderr
+
+
+def test_the_head_fits_any_number_of_classes():
+    g = torch.Generator().manual_seed(1)
+    classes = 33
+    y = torch.arange(classes * 3) % classes
+    x = torch.randn(len(y), 20, generator=g, dtype=torch.float64) + torch.nn.functional.one_hot(y, 40)[:, :20] * 3
+    space = mpox.head.RowSpace(x)
+    theta = mpox.head.newton_softmax(space.a, y, classes, 0.1)
+    weight, bias = space.linear(theta)
+    assert weight.shape == (classes, 20) and mpox.head.helmert(classes).shape == (classes, classes - 1)
+    assert full_gradient(x, y, weight, bias, 0.1, classes).abs().max() < 1e-6

@@ -91,12 +91,21 @@ def test_target_sensitivity_without_positive_validation_photos_falls_back_to_the
     assert mpox.training.select_threshold([False, False], [0.2, 0.9], 0.9, fallback=0.3) == 0.3
 
 
-def test_the_default_run_hands_predict_the_settings_it_was_given(tmp_path, cli):
+def test_the_default_run_hands_predict_the_settings_it_was_given(tmp_path, cli, monkeypatch, loaders):
     make_dataset(tmp_path / 'monkeypoxdata', per_class=6)
-    r = cli(*TINY, '--precision', 'fp32', cwd=tmp_path)
+    given, predict = [], mp.predict
+    monkeypatch.setattr(mp, 'predict', lambda cfg: given.append(cfg) or predict(cfg))  # the real predict, recorded
+    r = cli(*TINY, '--precision', 'fp32', '--device', 'cpu', '--workers', '0', '--extract-batch-size', '3',
+            '--compile', 'never', '--set', 'STD=(0.25, 0.25, 0.25)', cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert 'predicting the held-out validation photo' in r.stdout
     assert sum('\t' in line for line in r.stdout.splitlines()) == 1
+    (shown,) = given
+    assert shown.command == 'predict' and shown.checkpoint.endswith('monkeypox_model.pkl') and len(shown.paths) == 1
+    assert (shown.precision, shown.device, shown.workers, shown.extract_batch_size, shown.compile) == \
+        ('fp32', 'cpu', 0, 3, 'never')
+    assert (shown.image_size, shown.resize, shown.std, shown.no_plot) == (112, 128, (0.25, 0.25, 0.25), True)
+    assert loaders[-1]['views'] == ['eval'] and loaders[-1]['workers'] == 0  # predict's own pass
 
 
 def test_main_leaves_its_process_as_it_found_it(tmp_path, synthetic):
@@ -111,7 +120,7 @@ def test_main_leaves_its_process_as_it_found_it(tmp_path, synthetic):
                   '--json', '--no-plot')
     assert json.loads(r.stdout)['n'] > 0
     assert signal.getsignal(signal.SIGTERM) is handler
-    assert not mpox.system.say.muted and not mpox.system.say.to_stderr
-    assert (mpox.system.RANKS.rank, mpox.system.RANKS.world, mpox.system.RANKS.local) == (0, 1, 0)
+    assert not mpox.system.muted() and not mpox.system.TO_STDERR.get()
+    assert (mpox.system.rank(), mpox.system.world()) == (0, 1) and not torch.distributed.is_initialized()
     assert torch.equal(torch.random.get_rng_state(), states[0]) and random.getstate() == states[1]
     assert np.array_equal(np.random.get_state()[1], states[2])
