@@ -38,7 +38,7 @@ class Extractor:
     """Runs photos through the frozen backbone, once per (photo, view), reading and filling the cache.
     The model is built only when something is missing from the cache: a warm run never builds it."""
 
-    def __init__(self, cfg, classes, spec, precision=None, calibration=(), crops=0):
+    def __init__(self, cfg, classes, spec, precision=None, calibration=(), crops=0, model=None):
         self.cfg, self.classes, self.spec = cfg, classes, spec
         self.device = resolve_device(cfg.device)
         self.precision = precision or resolve_precision(cfg.precision, self.device, None if cfg.unfreeze else cfg.arch,
@@ -58,7 +58,7 @@ class Extractor:
                 raise UserError('--precision int8 needs training photos to calibrate on, and there are none')
             self.about['int8'] = {'engine': 'x86', 'calibration': [p.sha for p in self.calibration]}
         key = hashlib.sha256(json.dumps(self.about, sort_keys=True).encode()).hexdigest()[:16]
-        self.cache, self._model, self._backbone = FeatureCache(cfg.cache or None, key, self.about), None, None
+        self.cache, self._model, self._backbone = FeatureCache(cfg.cache or None, key, self.about), model, None
         self.qparams = self.cache.read_json('int8.json') if self.precision == 'int8' else None
         self.backbone_calls = 0  # batches that went through the backbone (the tests count them)
         self.crops, self.seconds, self.backbone_seconds = 0, 0.0, 0.0  # crops computed, wall time, time in the backbone
@@ -68,6 +68,10 @@ class Extractor:
         """The pretrained model with a new head, frozen; built on first use."""
         if self._model is None:
             self._model = pretrained_model(self.cfg, self.spec, len(self.classes))
+        return self._model
+
+    def built_model(self):
+        """The pretrained model if it was built (or given), else None: another extractor may share it."""
         return self._model
 
     def inference_backbone(self):

@@ -32,8 +32,8 @@ def check_fidelity(cfg, extractor, train, positive):
     1% of decisions), because 16 photos show less than the worst of hundreds."""
     photos = extractor.calibration or calibration_photos(train.photos, cfg.calibration_photos)
     fast, _ = extractor.features(photos, [EVAL_VIEW])
-    exact = Extractor(cfg, extractor.classes, extractor.spec, precision='fp32')
-    exact._model = extractor._model  # the same pretrained network: built once, or only when a cache lacks it
+    # the same pretrained network: built once, or only when a cache lacks it
+    exact = Extractor(cfg, extractor.classes, extractor.spec, precision='fp32', model=extractor.built_model())
     ref, _ = exact.features(fast.photos, [EVAL_VIEW])
     run = fitted_head(cfg, extractor, train, positive)
     with torch.no_grad():

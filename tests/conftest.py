@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,3 +177,22 @@ def torch_home(tmp_path_factory):
     (home / 'hub' / 'checkpoints').mkdir(parents=True)
     os.symlink(MOBILENET_FILE, home / 'hub' / 'checkpoints' / MOBILENET_FILE.name)
     return home
+
+
+# --- backbones with realistic numbers ----------------------------------------------------------------
+
+PRE = {'image_size': 224, 'resize': 256, 'mean': list(mp.MEAN), 'std': list(mp.STD)}
+
+
+def with_batchnorm_statistics(model, seed=0):
+    """ImageNet-like BatchNorm statistics (a fresh model's are 0 and 1, which any folding gets right)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()

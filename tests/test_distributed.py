@@ -66,12 +66,19 @@ def test_a_two_process_checkpoint_loads_in_one(data, runs):
     assert r.returncode == 0 and json.loads(r.stdout)['path'] == str(photo)
 
 
-def test_predict_on_a_folder_returns_each_photo_exactly_once_and_loads_a_one_process_checkpoint(data, runs):
+def test_predict_on_a_folder_gives_each_photo_once_with_one_processs_answers(data, runs):
     one, _, _ = runs
     r = torchrun('predict', data, '--checkpoint', one / 'monkeypox_model.pkl', '--json')
     assert r.returncode == 0, r.stderr
-    paths = [json.loads(line)['path'] for line in r.stdout.splitlines()]
-    assert sorted(paths) == sorted(str(p) for p in data.rglob('*.jpg'))
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert sorted(row['path'] for row in rows) == sorted(str(p) for p in data.rglob('*.jpg'))
+    alone = call_main('predict', data, '--checkpoint', one / 'monkeypox_model.pkl', '--json', '--no-plot')
+    assert alone.returncode == 0, alone.stderr
+    single = {row['path']: row for row in map(json.loads, alone.stdout.splitlines())}
+    for row in rows:  # the same batches whatever the number of ranks: the same probabilities
+        assert row['label'] == single[row['path']]['label']
+        for c, p in row['probabilities'].items():
+            assert p == pytest.approx(single[row['path']]['probabilities'][c], abs=1e-5)
 
 
 def children(pid):

@@ -1,7 +1,6 @@
 """The head: an L2-penalised logistic regression on standardised features, fit to convergence, its penalty
 chosen by grouped inner cross-validation, its probabilities calibrated; the same whatever --seed."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ import monkeypox as mp
 import mpox.data
 import mpox.features
 import mpox.head
-import mpox.metrics
 import mpox.model
 import mpox.training
 from conftest import TINY, make_dataset, one_line_error
@@ -57,17 +55,6 @@ def test_temperature_scaling_recovers_the_temperature_that_made_the_labels():
     logits = torch.randn(20000, 3, generator=g, dtype=torch.float64) * 3
     y = torch.multinomial((logits / 2.5).softmax(1), 1, generator=g)[:, 0]
     assert mpox.head.fit_temperature(logits, y) == pytest.approx(2.5, rel=0.05)
-
-
-def test_log_loss_brier_and_ece_match_hand_computed_values():
-    y = [True, False, True, True]
-    p = [0.9, 0.2, 0.65, 0.3]
-    c = mpox.metrics.calibration(y, p)
-    assert c['log_loss'] == pytest.approx(-(math.log(0.9) + math.log(0.8) + math.log(0.65) + math.log(0.3)) / 4)
-    assert c['brier'] == pytest.approx((0.01 + 0.04 + 0.1225 + 0.49) / 4)
-    # bins of width 0.1: [0.9] alone, [0.2] alone, [0.65] alone, [0.3] alone: |share - p| each, weighted 1/4
-    assert c['ece'] == pytest.approx((0.1 + 0.2 + 0.35 + 0.7) / 4)
-    assert mpox.metrics.calibration([True, False], [0.55, 0.58])['ece'] == pytest.approx(abs(0.5 - 0.565))  # one bin
 
 
 def test_the_inner_folds_keep_each_patient_together_and_take_no_seed(msld):

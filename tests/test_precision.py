@@ -1,16 +1,21 @@
 """The features' arithmetic: --precision auto keeps a faster one (int8, bf16) only where the fitted head cannot
 tell it from fp32 on the check photos, falls back where it can and remembers that, and export refuses a
 checkpoint whose answers the fp32 ONNX file would change."""
+import copy
+
 import pytest
 import torch
 
 import monkeypox as mp
 import mpox.devices
 import mpox.fidelity
+import mpox.images
 import mpox.int8
+import mpox.model
 import mpox.pipeline
 import mpox.precision
-from conftest import TINY, make_dataset, one_line_error
+import mpox.system
+from conftest import PRE, TINY, make_dataset, one_line_error, relative, with_batchnorm_statistics
 
 int8_here = pytest.mark.skipif(mpox.devices.int8_engine() is None, reason='int8 needs an x86 CPU with PyTorch\'s int8 kernels')
 
@@ -87,3 +92,85 @@ def test_export_refuses_an_int8_checkpoint_whose_answers_fp32_would_change(tmp_p
     one_line_error(cli('export', '--checkpoint', tmp_path / 'chk' / 'monkeypox_model.pkl', '--out', out),
                    'not written', 'int8 features, which do not reproduce fp32', '--precision auto or fp32')
     assert not out.exists()
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'mobilenet_v2', pytest.param('vit_b_16', marks=pytest.mark.slow)])
+def test_the_inference_backbone_with_normalisation_and_batchnorm_folded_gives_the_plain_features(arch):
+    model = with_batchnorm_statistics(mpox.model.build_model(arch, 2))
+    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), mpox.model.without_head(model):
+        plain = model(mpox.images.normalize(x, PRE))
+    backbone, _ = mpox.precision.inference_model(model, torch.device('cpu'), 'fp32', PRE)
+    with torch.inference_mode():
+        folded = backbone(x.contiguous(memory_format=torch.channels_last))
+    assert relative(folded, plain) < 1e-5
+    # ViT's input goes to shape checks before its first convolution: it is normalised first, not folded
+    assert backbone.folded == (arch != 'vit_b_16')
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not mpox.devices.int8_engine(), reason='int8 kernels are for x86 CPUs')
+def test_an_int8_backbone_rebuilt_from_its_activation_ranges_is_the_calibrated_one_bit_for_bit():
+    cpu, g = torch.device('cpu'), torch.Generator().manual_seed(3)
+    model = with_batchnorm_statistics(mpox.model.build_model('resnet18', 2))
+    calibration, x = (torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=g) for n in (6, 3))
+    calibrated, _ = mpox.precision.inference_model(model, cpu, 'int8', PRE, calibrate=lambda b: b(calibration))
+    rebuilt, _ = mpox.precision.inference_model(model, cpu, 'int8', PRE, qparams=calibrated.qparams)
+    fp32, _ = mpox.precision.inference_model(model, cpu, 'fp32', PRE)
+    with torch.inference_mode():
+        a, b, f = (net(x.contiguous(memory_format=torch.channels_last)) for net in (calibrated, rebuilt, fp32))
+    assert rebuilt.qparams == calibrated.qparams and torch.equal(a, b)
+    assert torch.nn.functional.cosine_similarity(a, f).min() > 0.98  # int8 is near, not equal
+    assert isinstance(model.conv1, torch.nn.Conv2d)  # the model itself stays fp32
+    with pytest.raises(mpox.system.UserError, match='does not fit the int8 graph'):  # ranges of some other graph
+        mpox.precision.inference_model(model, cpu, 'int8', PRE, qparams={**calibrated.qparams, 'elsewhere.scale': 1.0})
+    # an observer shared by ops that pass their input's quantization on is pinned under every one of its names
+    with mpox.model.without_head(model):
+        backbone = mpox.precision.Backbone(torch.fx.symbolic_trace(model), model, 'int8', PRE)
+    net = mpox.int8.observed_graph(backbone)
+    names = [n for n, m in net.named_modules(remove_duplicate=False) if n in mpox.int8.observers(net) or 'post_process' in n]
+    assert len(names) > len(mpox.int8.observers(net))  # resnet18 has such aliases (its max pool, its average pool)
+    # the calibration's observers see flat views of the activations, and find PyTorch's own ranges to the bit
+    flat = mpox.int8.flat_histogram_observer()
+    histograms = [o for o in mpox.int8.observers(net).values() if isinstance(o, flat.__base__)]
+    assert histograms and all(type(o) is flat for o in histograms)
+    plain = copy.deepcopy(net)
+    for o in plain.modules():
+        if type(o) is flat:
+            o.__class__ = flat.__base__
+    ranges = []
+    for graph in (net, plain):
+        backbone.net = graph  # the same Backbone: the normalisation stays folded into the first convolution
+        with torch.inference_mode():
+            backbone(calibration.contiguous(memory_format=torch.channels_last))
+        ranges.append({k: [float(v) for v in o.calculate_qparams()] for k, o in mpox.int8.observers(graph).items()})
+    assert ranges[0] == ranges[1] == calibrated.qparams
+    mpox.int8.pin_observers(net, calibrated.qparams, mpox.int8.fixed_observer)
+    assert all(type(net.get_submodule(n)).__name__ == 'FixedQParamsObserver' for n in names)
+
+
+def test_auto_extracts_a_frozen_cnn_in_int8_on_x86_cpus_when_the_crops_repay_it(monkeypatch):
+    cpu, many = torch.device('cpu'), 10 ** 4
+    assert (mpox.precision.resolve_precision('auto', cpu, 'resnet101', many) == 'int8') == (mpox.devices.int8_engine() is not None)
+    assert mpox.precision.resolve_precision('auto', cpu, 'vit_b_16', many) != 'int8'  # attention models stay in bf16/fp32
+    assert mpox.precision.resolve_precision('auto', cpu, None, many) != 'int8'  # fine-tuning
+    least = mpox.int8.INT8_MIN_CROPS
+    assert least['fast bf16'] > least['fp32']  # bf16 is the faster alternative: int8 must save more to repay itself
+    if mpox.devices.fast_bf16() and mpox.devices.int8_engine():
+        assert mpox.precision.resolve_precision('auto', cpu, 'resnet101', least['fast bf16'] - 1) == 'bf16'
+        assert mpox.precision.resolve_precision('auto', cpu, 'resnet101', least['fast bf16']) == 'int8'
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')  # no fast bf16: the fp32 threshold
+    assert mpox.precision.resolve_precision('auto', cpu, 'resnet101', least['fp32'] - 1) == 'fp32'
+    expected = 'int8' if mpox.devices.int8_engine() else 'fp32'
+    assert mpox.precision.resolve_precision('auto', cpu, 'resnet101', least['fp32']) == expected
+    with pytest.raises(SystemExit):
+        mp.parse_args(['train', '--precision', 'int8', '--unfreeze', '1'])
+
+
+def test_a_cpu_held_below_its_bf16_units_runs_fp32(monkeypatch):
+    cpu = torch.device('cpu')
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')  # how bench_speed.py --isa avx2 runs (bf16 would be emulated)
+    assert mpox.precision.resolve_precision('auto', cpu) == 'fp32'
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX512_CORE_AMX')
+    fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert mpox.precision.resolve_precision('auto', cpu) == ('bf16' if fast else 'fp32')

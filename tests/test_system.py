@@ -3,8 +3,11 @@ import os
 import warnings
 
 import pytest
+import torch
 
 import mpox.files
+import mpox.int8
+import mpox.model
 import mpox.system
 
 
@@ -73,7 +76,6 @@ def test_a_weights_download_that_fails_names_its_reason(tmp_path):
 
 def test_a_failure_with_an_empty_message_still_names_its_reason(monkeypatch):
     """urllib's errors carry `reason`; one whose message is empty must not lose it to its type's name."""
-    import torch
     import mpox.model
 
     class Refused(OSError):

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """The CUDA check (not a test: pytest does not collect it). Run on a machine with an NVIDIA GPU:
 
-    python tests/gpu_check.py [--shared DIR] [--out DIR]
+    python tools/gpu_check.py [--shared DIR] [--out DIR]
 
 It runs the tool as a user would, on the real MSLD photos with torchvision's ImageNet MobileNetV2
 file (from DIR/data/msld-v1 and DIR/weights, laid out as ../shared is): train frozen and with
 --unfreeze, evaluate, cv, predict --explain, a 1-GPU torchrun (NCCL), and the extraction throughput
 of ResNet101 (random weights) next to the GPU's bf16 matrix-multiply peak measured in the same run.
-Then the large-set benchmark (tests/bench_speed.py --photos 2000) and the speed of decoding large JPEGs with
+Then the large-set benchmark (tools/bench_speed.py --photos 2000) and the speed of decoding large JPEGs with
 Pillow, torchvision on the CPU and nvJPEG on the GPU. Each step prints one line (ok/FAILED, seconds, what
 it measured); a JSON summary and every step's output go to --out. Without CUDA it says so and exits 0.
 About 5 minutes on one H200.
@@ -95,7 +95,7 @@ def main():
     step('throughput-resnet101', mp + ['train', '--data', msld, '--arch', 'resnet101', '--weights', 'none',
                                        '--views', '8', '--out', work / 'r101', '--no-plot', '--no-cache'],
          lambda s: {'crops_per_s': float(re.search(r'([\d.]+) crops/s', s).group(1))})
-    step('bench-2000-photos', [sys.executable, REPO / 'tests' / 'bench_speed.py', '--photos', '2000'],
+    step('bench-2000-photos', [sys.executable, REPO / 'tools' / 'bench_speed.py', '--photos', '2000'],
          lambda s: {'lines': [line.strip() for line in s.splitlines() if 'crops/s' in line]})
     summary['decode_ms_per_photo'] = decode_speeds(torch)
     print(f'decoding 400-800 px JPEGs, ms a photo: {summary["decode_ms_per_photo"]}', flush=True)

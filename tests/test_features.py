@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 import monkeypox as mp
 import mpox.checkpoint
@@ -16,7 +17,7 @@ import mpox.files
 import mpox.model
 import mpox.precision
 import mpox.system
-from conftest import TINY, make_dataset
+from conftest import PRE, TINY, make_dataset
 
 
 def config(tmp_path, *flags):
@@ -71,7 +72,6 @@ def test_changing_the_transform_recomputes(tmp_path, photos):
 def test_changing_one_photos_bytes_recomputes_only_that_photo(tmp_path, photos):
     # in fp32: in int8, a photo that calibrated the features changes them all (the next test)
     extract(config(tmp_path, '--precision', 'fp32'), photos)
-    from PIL import Image
     img = Image.open(photos[0].path).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     img.save(photos[0].path)
     _, fresh = mpox.data.read_photos(str(tmp_path / 'd'))
@@ -207,3 +207,24 @@ def test_no_cache_reads_no_hash_memo_from_the_working_folder(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert mpox.files.load_memo('') == {}  # --no-cache: nothing read from wherever the user stands
     assert mpox.files.load_memo(str(tmp_path)) == {'/some/photo.jpg': [1, 2, 'not its hash']}
+
+
+def test_compiling_follows_the_measured_threshold(tmp_path, monkeypatch):
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    cold, warm = mpox.features.COMPILE_MIN_CROPS['cold'], mpox.features.COMPILE_MIN_CROPS['warm']
+    assert warm < cold  # a warm compile cache makes compiling cheap: it pays sooner
+    assert not mpox.features.compile_pays(cold - 1, False, cpu, 'fp32') and mpox.features.compile_pays(cold, False, cpu, 'bf16')
+    assert not mpox.features.compile_pays(warm - 1, True, cpu, 'fp32') and mpox.features.compile_pays(warm, True, cpu, 'fp32')
+    assert not mpox.features.compile_pays(10 ** 6, True, cuda, 'bf16')  # extraction on a GPU waits on decoding
+    assert not mpox.features.compile_pays(10 ** 6, True, cpu, 'int8')  # quantized kernels are the fast path already
+    backbone, _ = mpox.precision.inference_model(mpox.model.build_model('resnet18', 2), cpu, 'fp32', PRE)
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'compile'))  # compiled() points torch there
+    for flag, crops, compiles in (('auto', 100, False), ('never', 10 ** 6, False), ('auto', cold, True),
+                                  ('always', 1, True)):
+        cfg = mp.parse_args(['train', '--compile', flag, '--device', 'cpu', '--cache', str(tmp_path), '--precision',
+                             'fp32'])
+        extractor = mpox.features.Extractor(cfg, ['a', 'b'], mpox.model.resolve_weights(cfg))
+        fn = mpox.features.compiled(backbone, crops, 16, extractor)
+        assert (fn is not backbone) == compiles, (flag, crops)  # the eager backbone, untouched, or a wrapper
+    # compiling happens at the first batch, not here: nothing was compiled, so no marker claims a warm cache
+    assert not list((tmp_path / 'compile').glob('compiled-*'))

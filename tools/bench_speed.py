@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Speed benchmark (not a test: pytest does not collect it). Run: python tests/bench_speed.py [--photos N]
+"""Speed benchmark (a tool, not a test). Run: python tools/bench_speed.py [--photos N]
 
 Every run is its own process, timed from start to exit, as a user waits. Two benchmarks:
 
 Without --photos, on the real MSLD photos (by default 64 of them, then all 228):
-  1. the original script's loop, re-expressed: fp32, model in train() mode, the frozen backbone run
+  1. a plain training loop, as such scripts are written: fp32, model in train() mode, the frozen backbone run
      again on every photo in every epoch, RandomResizedCrop + flip, Adam on the head, batch 32;
   2. this tool's `train` with its defaults, same arch, cold feature cache;
   3. the same `train` again, warm cache.
@@ -142,8 +142,8 @@ def synthetic_photos(n, dest, seed=0):
     return dest
 
 
-def original_loop(args):
-    """The original script's training loop, re-expressed faithfully, bugs included (model in train()
+def plain_loop(args):
+    """A plain transfer-learning loop as such scripts are written, its faults included (model in train()
     mode, so BatchNorm statistics drift; the backbone recomputed in fp32 every epoch)."""
     import torch
     import torch.nn.functional as F
@@ -179,7 +179,7 @@ def original_loop(args):
     model.set_submodule(name, torch.nn.Linear(model.get_submodule(name).in_features, len(classes)))
     optimizer = torch.optim.Adam(model.get_submodule(name).parameters(), lr=args.lr)
     loader = torch.utils.data.DataLoader(Photos(train, train_tf), batch_size=args.batch_size, shuffle=True)
-    model.train()  # the original's bug: a "frozen" backbone whose BatchNorm statistics keep moving
+    model.train()  # the loop's fault: a "frozen" backbone whose BatchNorm statistics keep moving
     for epoch in range(args.epochs):
         for x, y in loader:
             loss = F.cross_entropy(model(x), y)
@@ -194,11 +194,11 @@ def original_loop(args):
 
 
 def compare(data, args, env):
-    """The original loop against train, cold and warm, on `data`."""
+    """The plain loop against train, cold and warm, on `data`."""
     work = Path(tempfile.mkdtemp(prefix='monkeypox-bench-'))
     try:
         common = ['--arch', args.arch, '--weights', args.weights, '--seed', str(args.seed)]
-        t1, rss1, out1 = run_rss([sys.executable, __file__, '--original', '--data', data, '--lr', args.lr, '--epochs',
+        t1, rss1, out1 = run_rss([sys.executable, __file__, '--plain', '--data', data, '--lr', args.lr, '--epochs',
                                   args.epochs, '--batch-size', args.batch_size, *common], env)
         tool = [sys.executable, SCRIPT, 'train', '--data', data, '--out', work / 'chk', '--no-plot', *common,
                 '--precision', args.precision]
@@ -211,8 +211,8 @@ def compare(data, args, env):
         t_import, _, _ = run_rss([sys.executable, '-c', 'import torch, torchvision'], env)
         t_predict, _, _ = run_rss([sys.executable, SCRIPT, 'predict', photo, '--checkpoint', work / 'chk' /
                                    'monkeypox_model.pkl', '--no-plot'], env)
-        return {'original_s': t1, 'cold_s': t2, 'warm_s': t3, 'rss': (rss1, rss2, rss3),
-                'original_val': json.loads(out1.strip().splitlines()[-1]), 'tool_val': ckpt['metrics'],
+        return {'plain_s': t1, 'cold_s': t2, 'warm_s': t3, 'rss': (rss1, rss2, rss3),
+                'plain_val': json.loads(out1.strip().splitlines()[-1]), 'tool_val': ckpt['metrics'],
                 'extraction': extraction(out2), 'import_s': t_import, 'predict_s': t_predict,
                 'precision': ckpt['precision'], 'images': len(ckpt['split']['train']) + len(ckpt['split']['val']),
                 'checks': features_precision(out2)[1]}
@@ -267,9 +267,9 @@ def main(argv=None):
     p.add_argument('--data', default=str(SHARED / 'data' / 'msld-v1'), help='photos in class folders')
     p.add_argument('--arch', default='resnet101')
     p.add_argument('--weights', default='none', help='none is fine for timing; IMAGENET1K_V1 for accuracy')
-    p.add_argument('--epochs', type=int, default=10, help="the original loop's")
-    p.add_argument('--batch-size', type=int, default=32, help="the original loop's")
-    p.add_argument('--lr', type=float, default=0.001, help="the original loop's")
+    p.add_argument('--epochs', type=int, default=10, help="the plain loop's")
+    p.add_argument('--batch-size', type=int, default=32, help="the plain loop's")
+    p.add_argument('--lr', type=float, default=0.001, help="the plain loop's")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--max-images', type=int, nargs='*', default=[64, 0], help='dataset sizes (0: all)')
     p.add_argument('--photos', type=int, default=0, help='instead: the large-set benchmark on N synthetic photos')
@@ -277,10 +277,10 @@ def main(argv=None):
     p.add_argument('--isa', choices=('native', 'avx2'), default='native', help='avx2: run as a CPU without bf16')
     p.add_argument('--precision', choices=('auto', 'fp32', 'bf16', 'int8'), default='auto',
                    help="train's: auto keeps a faster arithmetic only where the fitted head cannot tell it from fp32")
-    p.add_argument('--original', action='store_true', help=argparse.SUPPRESS)
+    p.add_argument('--plain', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.original:
-        return original_loop(args)
+    if args.plain:
+        return plain_loop(args)
     env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
     if args.isa == 'avx2':
         held = {'ONEDNN_MAX_CPU_ISA': 'AVX2', 'ATEN_CPU_CAPABILITY': 'avx2', 'FBGEMM_ENABLE_INSTRUCTIONS': 'AVX2'}
@@ -304,15 +304,15 @@ def main(argv=None):
         rate, backbone, rest = r['extraction']
         for line in r['checks']:
             print(f'  {line}')
-        print(f'\n{r["images"]} photos, {args.arch} weights={args.weights}, train in {r["precision"]}; the original loop '
+        print(f'\n{r["images"]} photos, {args.arch} weights={args.weights}, train in {r["precision"]}; the plain loop '
               f'{args.epochs} epochs, batch {args.batch_size}:')
-        print(f'  1 original loop (fp32, train mode, backbone every epoch) {r["original_s"]:7.1f} s   peak RSS '
-              f'{r["rss"][0]:6.0f} MB   val acc {r["original_val"]["accuracy"]:.3f} bal '
-              f'{r["original_val"]["balanced_accuracy"]:.3f}')
+        print(f'  1 plain loop (fp32, train mode, backbone every epoch) {r["plain_s"]:7.1f} s   peak RSS '
+              f'{r["rss"][0]:6.0f} MB   val acc {r["plain_val"]["accuracy"]:.3f} bal '
+              f'{r["plain_val"]["balanced_accuracy"]:.3f}')
         print(f'  2 monkeypox.py train, cold cache                      {r["cold_s"]:7.1f} s   peak RSS {r["rss"][1]:6.0f} '
               f'MB   val acc {r["tool_val"]["accuracy"]:.3f} bal {r["tool_val"]["balanced_accuracy"]:.3f}')
         print(f'  3 monkeypox.py train, warm cache                      {r["warm_s"]:7.1f} s   peak RSS {r["rss"][2]:6.0f} MB')
-        print(f'  ratio 1/2 (cold) {r["original_s"] / r["cold_s"]:.1f}x   ratio 1/3 (warm) {r["original_s"] / r["warm_s"]:.1f}x')
+        print(f'  ratio 1/2 (cold) {r["plain_s"] / r["cold_s"]:.1f}x   ratio 1/3 (warm) {r["plain_s"] / r["warm_s"]:.1f}x')
         bf16 = f', {rate * gflop / peaks["bfloat16"]:.0%} of the bf16' if peaks['bfloat16'] > peaks['float32'] else ''
         print(f'  extraction in {r["precision"]} {rate:.1f} crops/s = {rate * gflop:.0f} GFLOP/s = '
               f'{rate * gflop / peaks["float32"]:.0%} of the fp32 matmul peak{bf16}; a crop: backbone {backbone:.1f} '
