@@ -54,16 +54,18 @@ THRESHOLD = 0.5             # --threshold: a photo is called positive when P(pos
 TARGET_SENSITIVITY = 0.0    # --target-sensitivity: if > 0, pick the highest threshold reaching it on validation
 FOLDS = 5                   # --folds: folds of `cv`, whole patients at a time
 TEST_FRACTION = 0.2         # --set: `download` holds this share of the photos out in test/ (and VAL_FRACTION in val/)
+OOD_COVERAGE = 0.95         # --ood-coverage: share of photos like the training photos that pass the out-of-distribution check
+PREVALENCE = 0.0            # --prevalence: share of the screened class where the photos come from, for PPV/NPV (0: none)
 
 # System
 DEVICE = 'auto'             # --device: cuda when present, else cpu
 PRECISION = 'auto'          # --precision: auto = int8 (frozen CNN, x86 CPU, when it pays), else bf16 if fast, else fp32
 CALIBRATION_PHOTOS = 16     # --set: int8: training photos (the first by sha256) whose crops set the activation ranges
 WORKERS = -1                # --workers: image decoding processes beside the backbone pass (-1: auto, see decode_workers)
-EXTRACT_BATCH_SIZE = 16     # --extract-batch-size: crops per backbone pass (fastest for ResNet101 on 2 cores: docs)
+EXTRACT_BATCH_SIZE = 16     # --extract-batch-size: crops per backbone pass (docs/speed.md)
 COMPILE = 'auto'            # --compile: torch.compile the backbone for extraction: auto (when it pays), always, never
 DIST_TIMEOUT = 300          # --dist-timeout: seconds a torchrun rank waits for the others before failing (a rank died)
-CHECKPOINT_SECONDS = 5.0    # --checkpoint-seconds: a better epoch is written at once, but at most this often (head epochs take ms)
+CHECKPOINT_SECONDS = 5.0    # --checkpoint-seconds: a better epoch is written at once, but at most this often
 
 # Preprocessing (ImageNet's, which the pretrained backbones expect)
 IMAGE_SIZE = 224            # --set: side of the square crop the backbone sees
@@ -100,10 +102,12 @@ from mpox.int8 import calibration_patients
 from mpox.metrics import aggregate, calibration, decide, metrics, operating_threshold, print_cv, print_metrics
 from mpox.model import freeze, new_head
 from mpox.onnxfile import onnx_graph, onnx_metadata, onnx_modules, onnx_parity
-from mpox.pipeline import checkpoint_probabilities, load_model, prepare, report
+from mpox.ood import predictive_values
+from mpox.pipeline import (answer, answer_line, check_prevalence, checkpoint_probabilities, cv_prevalences, load_model,
+                           ood_report, prepare, report)
 from mpox.plots import plot_curves, plot_predictions, plot_sheet
 from mpox.system import (NOT_A_DIAGNOSIS, UserError, first_line, init_distributed, is_lost_peer, is_main,
-                         messages_to_stderr, process_state, quiet, rank, say, warn, world)
+                         messages_to_stderr, process_state, quiet, say, warn)
 from mpox.training import Run, fit
 
 
@@ -136,7 +140,7 @@ def train(cfg):
     freeze(model)
     model.cpu()
     run = Run(cfg, model, prep.train_features, prep.val_features, prep.split.classes, prep.positive,
-              meta=checkpoint_meta(cfg, prep), checkpoint=cfg.checkpoint)
+              meta=checkpoint_meta(cfg, prep), checkpoint=cfg.checkpoint, precision=prep.extractor.precision)
     run.cache_dir = prep.extractor.cache.dir
     if cfg.resume:
         run.restore(read_resume(cfg, run.meta))
@@ -189,7 +193,8 @@ def cv(cfg):
             freeze(model)
         else:  # the frozen backbone's features are all a head needs
             model = new_head(prep.train_features.x.shape[-1], len(classes), cfg.seed)
-        run = Run(cfg, model, prep.train_features.subset(tr), prep.val_features.subset(va), classes, positive)
+        run = Run(cfg, model, prep.train_features.subset(tr), prep.val_features.subset(va), classes, positive,
+                  precision=prep.extractor.precision)
         run.cache_dir = prep.extractor.cache.dir
         with quiet():
             best = fit(run)
@@ -216,6 +221,7 @@ def cv(cfg):
               'pooled': pooled, 'data': prep.what, 'arch': cfg.arch, 'weights': prep.spec.name, 'seed': cfg.seed,
               'precision': prep.extractor.precision, 'fidelity': prep.fidelity,
               'calibration_only': sorted(photos[i].path for i in held),
+              'predictive_values': [predictive_values(pooled, q) for q in cv_prevalences(cfg, positive)],
               'config': vars(cfg)}
     report(cfg, result, pooled, labels, probs, os.path.join(cfg.out, 'cv'),
            f'{cfg.folds}-fold cross-validation, pooled ({len(labels)} photos)', print_cv)
@@ -227,12 +233,17 @@ def evaluate(cfg):
     trained on, the test/ (or val/) folder of a split dataset, or any other folder whole."""
     loaded = load_model(cfg.checkpoint, cfg)
     photos, what = evaluation_photos(loaded, cfg)
-    probs, failures = checkpoint_probabilities(loaded, photos, cfg, 'evaluate')
+    check_prevalence(cfg, loaded)
+    probs, scores, failures = checkpoint_probabilities(loaded, photos, cfg, 'evaluate')
     report_skipped(failures)
     scored = [i for i in range(len(photos)) if i in probs]
     labels, p = [photos[i].label for i in scored], [probs[i] for i in scored]
     m = metrics(labels, p, loaded.classes, loaded.positive, operating_threshold(cfg, loaded))
     m.update(images=what, checkpoint=cfg.checkpoint, skipped=failures)
+    if scores is not None:
+        m['ood'] = ood_report(loaded, cfg, [scores[i] for i in scored])
+    if cfg.prevalence:
+        m.update(predictive_values(m, cfg.prevalence))
     out = cfg.out or os.path.dirname(os.path.abspath(cfg.checkpoint))
     report(cfg, m, m, labels, p, out, f'{os.path.basename(os.path.normpath(cfg.data))}: {m["n"]} photos',
            lambda r: print_metrics(r, f'evaluated {what}\ncheckpoint {cfg.checkpoint} ({loaded.ckpt["arch"]}, epoch '
@@ -251,19 +262,20 @@ def predict(cfg):
     loaded = load_model(cfg.checkpoint, cfg) if files else None
     results = []
     if files:
-        probs, failures = checkpoint_probabilities(loaded, [Photo(f, -1, '') for f in files], cfg, 'predict')
+        check_prevalence(cfg, loaded)
+        probs, scores, failures = checkpoint_probabilities(loaded, [Photo(f, -1, '') for f in files], cfg, 'predict')
         problems += failures
+        if scores is None:
+            say(f'note: {cfg.checkpoint} has no out-of-distribution detector, so it cannot say when a photo is unlike '
+                'its training photos (ood_score: null); retrain it to get one')
         threshold = operating_threshold(cfg, loaded)
-        for i, f in enumerate(files):
-            if i in probs:
-                label = decide([probs[i]], loaded.positive, threshold)[0]
-                results.append({'path': f, 'label': loaded.classes[label], 'probability': probs[i][label],
-                                'probabilities': dict(zip(loaded.classes, probs[i]))})
+        results = [answer(f, probs[i], scores and scores[i], loaded, threshold, cfg.prevalence)
+                   for i, f in enumerate(files) if i in probs]
     for r in results:
         if cfg.json and is_main():
             print(json.dumps(r), flush=True)
         elif not cfg.json:
-            say(f'{r["path"]}\t{r["label"]}\t{r["probability"]:.3f}')
+            say(answer_line(r, loaded))
     for path, line in problems if is_main() else []:
         if cfg.json:
             print(json.dumps({'path': path, 'error': line}), flush=True)
@@ -366,32 +378,32 @@ def build_parser():
     """The parser of every command, its defaults the settings at the top of this file as they are now. Flags
     marked run_only say how a run goes, never what model it makes: a resumed run may change them."""
     d = {setting(name): globals()[name] for name in SETTINGS}
-    run_only = set()
+    run_only_dests = set()
 
-    def flag(parser, name, kind=None, help='', only_run=False, **kw):  # default: the setting it is named after
+    def flag(parser, name, kind=None, help='', run_only=False, **kw):  # default: the setting it is named after
         dest = kw.setdefault('dest', name[2:].replace('-', '_'))
         if kind is not None:
             kw.update(type=kind, metavar=kw.get('metavar', METAVARS.get(kind, 'X')))
         if dest in d:
             kw.setdefault('default', d[dest])
         action = parser.add_argument(name, help=help, **kw)
-        if only_run:
-            run_only.add(action.dest)
+        if run_only:
+            run_only_dests.add(action.dest)
         return action
 
     general = argparse.ArgumentParser(add_help=False)  # every command, download included
-    flag(general, '--debug', help='show tracebacks (or set MONKEYPOX_DEBUG=1)', action='store_true', only_run=True)
-    settable = flag(general, '--set', metavar='NAME=VALUE', action='append', default=[], only_run=True)
+    flag(general, '--debug', help='show tracebacks (or set MONKEYPOX_DEBUG=1)', action='store_true', run_only=True)
+    settable = flag(general, '--set', metavar='NAME=VALUE', action='append', default=[], run_only=True)
     common = argparse.ArgumentParser(add_help=False, parents=[general])  # every command that runs a model
     flag(common, '--device', device_name, 'auto, cpu, cuda or cuda:N')
     flag(common, '--precision', help='backbone arithmetic; auto = the fastest of int8 (a frozen CNN on an x86 CPU, '
          'when the crops repay it), bf16 (where the hardware is fast at it) and fp32 that reproduces fp32\'s answers '
          'for the fitted head', choices=('auto', 'fp32', 'bf16', 'int8'))
-    flag(common, '--workers', worker_count, 'image decoding processes (-1: auto)', only_run=True)
-    flag(common, '--extract-batch-size', positive_int, 'crops per backbone pass', only_run=True)
+    flag(common, '--workers', worker_count, 'image decoding processes (-1: auto)', run_only=True)
+    flag(common, '--extract-batch-size', positive_int, 'crops per backbone pass', run_only=True)
     flag(common, '--compile', help='torch.compile the backbone for extraction (auto: when enough crops make it pay)',
          choices=('auto', 'always', 'never'))
-    flag(common, '--dist-timeout', positive_float, 'seconds a torchrun rank waits for the others', only_run=True)
+    flag(common, '--dist-timeout', positive_float, 'seconds a torchrun rank waits for the others', run_only=True)
 
     training = argparse.ArgumentParser(add_help=False)
     flag(training, '--data', str, 'class folders, or train/ + val/ folders')
@@ -412,19 +424,21 @@ def build_parser():
          default=os.path.dirname(d['checkpoint']) or '.')
     flag(training, '--cache', str, 'feature cache folder; empty means OUT/cache')
     flag(training, '--archive-url', str, 'the MSLD archive, fetched when IMAGE_PATH is missing or empty (URL or file)',
-         metavar='URL', only_run=True)
+         metavar='URL', run_only=True)
     flag(training, '--no-download', help='never download the public photos into a missing IMAGE_PATH',
-         dest='auto_download', action='store_false', only_run=True)
+         dest='auto_download', action='store_false', run_only=True)
     flag(training, '--no-cache', help='keep features in memory only', action='store_true')
     flag(training, '--positive-class', str, 'class screened for', metavar='NAME')
+    flag(training, '--ood-coverage', open_fraction, 'share of held-out training photos the out-of-distribution '
+         'check lets pass')
     flag(training, '--threshold', probability, 'P(positive class) at or above which a photo is called positive')
     flag(training, '--target-sensitivity', probability, 'if > 0: highest threshold reaching this validation sensitivity')
     flag(training, '--unfreeze', non_negative_int, 'also fine-tune the last N backbone stages after the head')
     flag(training, '--backbone-lr', positive_float, 'Adam learning rate of the unfrozen stages')
     flag(training, '--checkpoint-seconds', positive_float, 'a better epoch is written at most this often',
-         only_run=True)
-    flag(training, '--resume', help='continue an interrupted run in --out', action='store_true', only_run=True)
-    flag(training, '--no-plot', help='write no pictures', action='store_true', only_run=True)
+         run_only=True)
+    flag(training, '--resume', help='continue an interrupted run in --out', action='store_true', run_only=True)
+    flag(training, '--no-plot', help='write no pictures', action='store_true', run_only=True)
 
     checkpoint = argparse.ArgumentParser(add_help=False)
     flag(checkpoint, '--checkpoint', str, 'checkpoint written by train', metavar='FILE')
@@ -447,13 +461,18 @@ def build_parser():
     p = command('run', [training, common], 'train, then predict and show TEST_IMAGE (the default)')
     flag(p, '--test-image', str, 'photo predicted after training', metavar='FILE')
     command('train', [training, common], 'train a classifier')
-    p = command('evaluate', [checkpoint, common, output], 'metrics on photos the model never saw')
+    screening = argparse.ArgumentParser(add_help=False)
+    flag(screening, '--prevalence', open_fraction, 'share of the screened class among the people photographed: '
+         'PPV/NPV (evaluate, cv) and post-test probabilities (predict) at it')
+    p = command('evaluate', [checkpoint, common, output, screening], 'metrics on photos the model never saw')
     flag(p, '--data', str, 'dataset or folder of class folders to evaluate on')
+    flag(p, '--ood', str, 'also score a folder of photos not of the trained classes: how well the '
+         'out-of-distribution check flags them', default='')
     p.add_argument('--all', action='store_true', help='every photo of --data, even those trained on')
     flag(p, '--out', str, 'folder for the pictures (default: the checkpoint\'s)', default='')
     p.add_argument('--sheet', action='store_true', help='also write sheet.png: photos, mistakes first')
     p.add_argument('--no-plot', action='store_true', help='write no pictures (confusion.png, roc.png)')
-    p = command('predict', [checkpoint, common, output], 'classify photos')
+    p = command('predict', [checkpoint, common, output, screening], 'classify photos')
     p.add_argument('paths', nargs='+', metavar='PATH', help='image files or folders')
     g = p.add_mutually_exclusive_group()
     flag(g, '--plot', str, 'save the plot to FILE (PNG)', default='', metavar='FILE')
@@ -470,12 +489,12 @@ def build_parser():
     flag(p, '--opset', positive_int, 'ONNX opset', default=18)
     p.add_argument('--check', nargs='+', metavar='PHOTO', default=[],
                    help='photos to compare onnxruntime with PyTorch on (none: the checkpoint\'s validation photos)')
-    p = command('cv', [training, common, output], 'cross-validation by patient: the accuracy to quote')
+    p = command('cv', [training, common, output, screening], 'cross-validation by patient: the accuracy to quote')
     flag(p, '--folds', fold_count, 'folds, whole patients at a time')
     flags = {a.dest for p in parser.commands.values() for a in p._actions}
     parser.unflagged = [name for name in SETTINGS if setting(name) not in flags]
     settable.help = f'set any setting by its name; those without a flag of their own: {", ".join(parser.unflagged)}'
-    parser.run_only = sorted(run_only)
+    parser.run_only = sorted(run_only_dests)
     return parser, d
 
 
@@ -504,6 +523,8 @@ def parse_args(argv):
                                  'drop --unfreeze or --device cuda, or use --precision fp32')
     if cfg.calibration_photos < 1:
         command_parser.error(f'--set CALIBRATION_PHOTOS={cfg.calibration_photos}: must be at least 1')
+    if not 0 <= cfg.prevalence < 1 or not 0 < cfg.ood_coverage < 1:
+        command_parser.error('PREVALENCE must be between 0 (none) and 1, OOD_COVERAGE strictly between 0 and 1')
     cfg.run_only = parser.run_only + ['download_missing', 'run_only']  # what a resumed run may change
     if cfg.command in ('run', 'train', 'cv'):
         cfg.cache = '' if cfg.no_cache else (cfg.cache or os.path.join(cfg.out, 'cache'))
@@ -516,13 +537,24 @@ def parse_args(argv):
 
 
 def apply_settings(cfg, parser):
-    """--set NAME=VALUE into cfg, type-checked against the setting's default (nanoGPT's configurator): any
-    setting by its name, those without a flag of their own included."""
+    """--set NAME=VALUE into cfg (nanoGPT's configurator), any setting by its name: checked as its flag checks
+    it where this command has one, else type-checked against the setting's default."""
+    flags = {option: action for action in parser._actions for option in action.option_strings}
     for pair in cfg.set:
         name, equals, text = pair.partition('=')
         if name not in SETTINGS or not equals:
             parser.error(f'--set {pair}: expected NAME=VALUE with NAME one of the settings at the top of '
                          f'monkeypox.py ({", ".join(SETTINGS[:4])}, ...)')
+        action = flags.get('--' + setting(name).replace('_', '-'))
+        if action is not None and (action.type is not None or action.choices):
+            try:
+                value = action.type(text) if action.type else text
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                parser.error(f'--set {name}={text}: {e}')
+            if action.choices and value not in action.choices:
+                parser.error(f'--set {name}={text}: choose from {", ".join(action.choices)}')
+            setattr(cfg, action.dest, value)
+            continue
         current = getattr(cfg, setting(name))
         try:
             value = ast.literal_eval(text)
@@ -543,11 +575,12 @@ COMMANDS = {'run': run_default, 'train': train, 'evaluate': evaluate, 'predict':
 
 def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    debug, who = cfg.debug or os.environ.get('MONKEYPOX_DEBUG') == '1', ''
+    debug = cfg.debug or os.environ.get('MONKEYPOX_DEBUG') == '1'
+    distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1  # from the start: joining the group can fail too
+    who = f' (rank {os.environ.get("RANK", "?")})' if distributed else ''
     with process_state(), messages_to_stderr(getattr(cfg, 'json', False)):
         try:
             init_distributed(cfg)
-            who = f' (rank {rank()})' if world() > 1 else ''
             COMMANDS[cfg.command](cfg)
         except UserError as e:
             if debug:
@@ -561,7 +594,7 @@ def main(argv=None):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1
         except (dist.DistError, RuntimeError) as e:
-            if world() == 1 or not is_lost_peer(e):
+            if not distributed or not is_lost_peer(e):
                 raise
             if debug:
                 traceback.print_exc()

@@ -17,7 +17,7 @@ from .data import positive_index
 from .files import atomic_write, safe_torch_load
 from .images import preprocessing
 from .model import CHECKPOINT_FORMAT, WeightsMismatch, build_model, construct, guess_arch, head_name
-from .system import UserError, say, warn
+from .system import UserError, first_line, say, warn
 
 
 CHECKPOINT_VERSION = 1
@@ -37,7 +37,7 @@ def checkpoint_meta(cfg, prep):
             'preprocess': preprocessing(cfg), 'weights': {'source': prep.spec.name, 'kind': prep.spec.kind,
                                                           'id': prep.spec.ident},
             'config': dict(vars(cfg)), 'precision': prep.extractor.precision, 'int8': prep.extractor.int8_calibration(),
-            'fidelity': prep.fidelity,
+            'fidelity': prep.fidelity, 'ood': prep.ood, 'trained_prevalence': trained_prevalence(split, positive),
             'split': {'root': os.path.abspath(split.root), 'how': split.how, 'seed': cfg.seed,
                       'val_fraction': cfg.val_fraction, 'skipped': split.skipped,
                       **{part: [os.path.relpath(p.path, split.root) for p in getattr(split, part)]
@@ -67,6 +67,14 @@ def read_resume(cfg, meta):
     return resume
 
 
+def trained_prevalence(split, positive):
+    """The share of the screened class among the training photos: the prevalence the head's probabilities
+    are calibrated at (None without a screened class)."""
+    if positive is None or not split.train:
+        return None
+    return sum(p.label == positive for p in split.train) / len(split.train)
+
+
 @dataclasses.dataclass
 class Loaded:
     model: nn.Module    # the PyTorch model (None for an exported ONNX file)
@@ -82,6 +90,12 @@ class Loaded:
     def qparams(self):
         """The int8 activation ranges the checkpoint carries, or None."""
         return (self.ckpt.get('int8') or {}).get('qparams')
+
+    @property
+    def ood(self):
+        """The out-of-distribution detector the checkpoint carries (its threshold; for a checkpoint, the
+        training photos' features), or None for a model made without one."""
+        return self.ckpt.get('ood')
 
 
 def load_checkpoint(path, cfg):
@@ -102,7 +116,7 @@ def load_checkpoint(path, cfg):
         raise UserError(f'{path}: its weights {e}; the file is damaged, or its {len(classes)} class names '
                         'do not match its head') from e
     except Exception as e:
-        raise UserError(f'{path}: cannot rebuild {ckpt["arch"]} ({e}); this torchvision may lack it') from e
+        raise UserError(f'{path}: cannot rebuild {ckpt["arch"]} ({first_line(e)}); this torchvision may lack it') from e
     model.requires_grad_(False)  # for scoring: nothing in it trains (Grad-CAM's gradients start at a stage)
     pc = ckpt.get('positive_class')
     return Loaded(model, ckpt, classes, classes.index(pc) if pc in classes else None, preprocessing(cfg, ckpt),
@@ -154,7 +168,7 @@ def read_class_map(path):
         raise UserError(f'class map {path} does not exist')
     except Exception as e:
         raise UserError(f'class map {path} refused: it must be a pickled {{index: name}} dict of ints and '
-                        f'strings only ({e}); nothing in it was run') from e
+                        f'strings only ({first_line(e)}); nothing in it was run') from e
     if not (isinstance(classes, dict) and classes and all(isinstance(k, int) for k in classes)
             and all(isinstance(v, str) for v in classes.values()) and sorted(classes) == list(range(len(classes)))):
         raise UserError(f'class map {path} is not an {{index: name}} dict with indices 0..n-1')

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .data import DATASET_URL, group_key, grouped_split, read_photos
 from .images import is_image_file
-from .system import UserError
+from .system import UserError, first_line
 
 
 ARCHIVE_BYTES, ARCHIVE_MD5 = 1_476_879, '09bd765cb91e6658ff27f83fa869c65c'
@@ -37,7 +37,7 @@ def fetch(url, path, fix):
                     f.write(chunk)
                     bar.update(len(chunk))
     except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, 'reason', None) or e
+        reason = getattr(e, 'reason', None) or first_line(e)
         raise UserError(f'cannot download {url}: {reason}. Check the network, or {fix}') from e
 
 
@@ -68,7 +68,7 @@ def extract_rar(archive, out):
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f'{archive}: cannot read the RAR archive ({e})') from e
+        raise UserError(f'{archive}: cannot read the RAR archive ({first_line(e)})') from e
 
 
 def layout_dataset(src, out, cfg):

@@ -75,11 +75,13 @@ def fitted_head(cfg, extractor, train, positive):
 def precisions_to_try(cfg, spec, device, crops):
     """The arithmetics this run tries, fastest first: precision_candidates, less those found not to reproduce
     fp32 for this network and weights before (remember_unfaithful), which the line says."""
-    candidates = precision_candidates(cfg.precision, device, None if cfg.unfreeze else cfg.arch, crops)
+    # rank 0's candidates and any rank's record: every rank must try the same arithmetics, in the same order
+    candidates, records = gather(precision_candidates(cfg.precision, device, None if cfg.unfreeze else cfg.arch,
+                                                      crops))[0], gather(read_unfaithful(cfg))
     if len(candidates) == 1:
         return candidates
     known = {}
-    for part in gather(read_unfaithful(cfg)):  # any rank's record: the ranks must try the same arithmetics
+    for part in records:
         known.update(part)
     keep = [p for p in candidates if p == 'fp32' or fidelity_key(cfg, spec, device, p) not in known]
     for p in candidates:
@@ -98,10 +100,14 @@ def fidelity_key(cfg, spec, device, precision):
 
 
 def read_unfaithful(cfg):
+    """The record of arithmetics found unfaithful, {key: check}; a missing or damaged file is an empty record."""
     try:
-        return json.loads(Path(cfg.cache, UNFAITHFUL_NAME).read_text()) if cfg.cache else {}
+        known = json.loads(Path(cfg.cache, UNFAITHFUL_NAME).read_text()) if cfg.cache else {}
     except (OSError, ValueError):
         return {}
+    if not isinstance(known, dict):
+        return {}
+    return {k: v for k, v in known.items() if isinstance(v, dict) and isinstance(v.get('max'), (int, float))}
 
 
 def remember_unfaithful(cfg, extractor, fidelity):

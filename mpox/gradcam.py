@@ -18,10 +18,9 @@ def grad_cam(model, pre, qparams=None):
     all classes cancels). The map is the mean of those of the crop and its three flips, flipped back:
     stride-2 convolutions with padding 1 shift each feature cell half a cell up and left of where upsampling
     puts it, and the flips cancel that. Bicubic upsampling lets the maximum fall between cells (bilinear
-    pins it to a cell centre). On red-disc photos the maximum falls inside the disc on 40/40 photos, 27/40
-    without the two (tests/). A checkpoint trained on int8 features (`qparams`) is explained through its
+    pins it to a cell centre). A checkpoint trained on int8 features (`qparams`) is explained through its
     int8 network, emulated with gradients (int8_emulation): the fp32 network is not the one its head was
-    trained on (on those photos, with a MobileNetV2: 19/20 so, 8/20 through the fp32 network).
+    trained on. How often the maximum falls where the class's evidence is: docs/evaluate-predict.md.
     Returns explain(path, class index) -> (the centre crop the model saw, a [0, 1] map), the network built once."""
     stage, device = backbone_stages(model)[-1], next(model.parameters()).device
     if qparams:

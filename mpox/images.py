@@ -9,9 +9,9 @@ import warnings
 import numpy as np
 import torch
 import torchvision.transforms as T
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .system import warn
+from .system import first_line, warn
 
 
 EVAL_VIEW = 'eval'
@@ -19,9 +19,6 @@ EVAL_VIEW = 'eval'
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp',
                     '.ppm', '.pgm', '.heic', '.heif', '.avif')  # .heic and friends are reported, not silently ignored
-
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated download is an error, never a half-grey photo
 
 
 def is_hidden(name):
@@ -80,7 +77,7 @@ def describe_image_error(path, e):
         return f'{path}: not an image Pillow can read; remove it or convert it to JPEG or PNG'
     if isinstance(e, FileNotFoundError):
         return f'{path}: file disappeared while reading'
-    reason = str(e).strip() or type(e).__name__
+    reason = first_line(e)
     return f'{path}: unreadable image ({reason}); the file is damaged or truncated, copy it again'
 
 

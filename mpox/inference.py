@@ -4,6 +4,7 @@ import torch
 from tqdm import tqdm
 
 from .images import EVAL_VIEW, backbone_input, photo_loader
+from .ood import ood_scores
 from .precision import inference_model
 from .system import gather, is_main, my_chunks
 
@@ -41,12 +42,16 @@ def score_photos(fn, photos, cfg, device, pre, desc):
     return merged, sorted(every_failure)
 
 
-def classifier(model, device, precision, pre, probs=True, qparams=None):
+def classifier(model, device, precision, pre, probs=True, qparams=None, ood=None):
     """A batch of uint8 crops -> class probabilities (or logits): the backbone in its precision (int8 with the
-    `qparams` training calibrated), the head in fp32 on the features, exactly as training computes them."""
+    `qparams` training calibrated), the head in fp32 on the features, exactly as training computes them. With
+    an out-of-distribution detector `ood`, each row ends with the photo's score."""
     backbone, head = inference_model(model, device, precision, pre, qparams)
+    bank = None if ood is None else {**ood, 'bank': ood['bank'].to(device)}
 
     def fn(x):
-        logits = head(backbone(x).float())
-        return logits.softmax(1) if probs else logits
+        features = backbone(x).float()
+        logits = head(features)
+        out = logits.softmax(1) if probs else logits
+        return out if bank is None else torch.cat([out, ood_scores(features, bank)[:, None]], 1)
     return fn

@@ -145,10 +145,9 @@ def print_metrics(m, title):
     say(f'accuracy {number(m["accuracy"])}   balanced accuracy {number(m["balanced_accuracy"])}   ({m["n"]} photos)')
     if m['positive_class'] is not None:
         pc = m['positive_class']
-        ci = lambda c: '' if c is None or math.isnan(c[0]) else f' (95% CI {c[0]:.2f}-{c[1]:.2f})'  # noqa: E731
         say(f'{pc}: called when P({pc}) >= {m["threshold"]:.2f}')
-        say(f'  sensitivity {number(m["sensitivity"])}{ci(m["sensitivity_ci"])}   '
-            f'specificity {number(m["specificity"])}{ci(m["specificity_ci"])}   ROC AUC {number(m["auc"])}')
+        say(f'  sensitivity {number(m["sensitivity"])}{interval(m["sensitivity_ci"])}   '
+            f'specificity {number(m["specificity"])}{interval(m["specificity_ci"])}   ROC AUC {number(m["auc"])}')
         say(f'  P({pc}): log loss {number(m["log_loss"])}   Brier {number(m["brier"])}   ECE {number(m["ece"])}'
             ' (10 bins)')
     width = max(10, max(len(c) for c in m['classes']))
@@ -159,6 +158,30 @@ def print_metrics(m, title):
     say('  confusion matrix (rows: true class, columns: predicted):')
     for c, row in zip(m['classes'], m['confusion_matrix']):
         say(f'  {c:<{width}}  ' + '  '.join(f'{v:5d}' for v in row))
+    if 'ppv' in m:
+        print_predictive_values([m], m['positive_class'])
+    if m.get('ood'):
+        print_ood(m['ood'])
+
+
+def interval(c):
+    return '' if c is None or math.isnan(c[0]) else f' (95% CI {c[0]:.2f}-{c[1]:.2f})'
+
+
+def print_predictive_values(rows, positive_name):
+    """PPV and NPV at each prevalence of `rows` (ood.predictive_values), with their intervals."""
+    for r in rows:
+        say(f'  at a prevalence of {r["prevalence"]:.3g}: PPV {number(r["ppv"])}{interval(r["ppv_ci"])} (a photo called '
+            f'{positive_name} is one), NPV {number(r["npv"])}{interval(r["npv_ci"])} (a photo called otherwise is not)')
+
+
+def print_ood(r):
+    """evaluate's out-of-distribution lines (pipeline.ood_report)."""
+    say(f'out of distribution: {r["flagged"]} of {r["n"]} evaluated photos flagged as unlike the training photos '
+        f'(threshold {r["threshold"]:.3f}, set to pass {r["coverage"]:.0%} of held-out training photos)')
+    if 'ood_folder' in r:
+        say(f'  {r["ood_folder"]}: {r["ood_flagged"]} of {r["ood_n"]} photos flagged; ROC AUC against the evaluated '
+            f'photos {number(r["ood_auroc"])}')
 
 
 def print_cv(result):
@@ -180,3 +203,4 @@ def print_cv(result):
             f'{number(pooled["specificity"])} {ci(pooled["specificity_ci"])}, ROC AUC {number(pooled["auc"])}; '
             f'P({pooled["positive_class"]}): log loss {number(pooled["log_loss"])}, Brier {number(pooled["brier"])}, '
             f'ECE {number(pooled["ece"])} (without the temperature: {number(pooled["untempered"]["ece"])})')
+        print_predictive_values(result['predictive_values'], pooled['positive_class'])

@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import os
@@ -17,6 +18,8 @@ from .devices import int8_engine
 from .files import sha256_file
 from .images import normalize
 from .inference import classifier, score_photos
+from .model import head_name
+from .ood import distances
 from .system import NOT_A_DIAGNOSIS, UserError, first_line, world
 
 
@@ -35,17 +38,39 @@ def onnx_modules():
     return onnx, onnxruntime
 
 
+class Exported(nn.Module):
+    """What the ONNX file computes from normalised images: the class probabilities and, for a model with an
+    out-of-distribution detector, each photo's score (its features' distance to the training photos')."""
+
+    def __init__(self, model, ood):
+        super().__init__()
+        name = head_name(model)
+        self.head, self.backbone = model.get_submodule(name), copy.deepcopy(model)
+        self.backbone.set_submodule(name, nn.Identity())
+        self.k = ood['k'] if ood else None
+        self.register_buffer('bank', ood['bank'].float() if ood else torch.zeros(0))
+
+    def forward(self, x):
+        features = self.backbone(x)
+        probabilities = self.head(features).softmax(1)
+        if self.k is None:
+            return probabilities
+        return probabilities, distances(features, self.bank, self.k)
+
+
 def onnx_graph(loaded, opset, onnx):
-    """torch.onnx.export of the model and a softmax on normalised fp32 images, batch size free, weights inside
-    the one file (this torch writes them beside it by default: a single file is what atomic writing, the
-    checksum and the truncation checks need)."""
-    net = nn.Sequential(loaded.model.float(), nn.Softmax(1)).eval()
+    """torch.onnx.export of the model and a softmax on normalised fp32 images, and the out-of-distribution
+    score as a second output when the model has a detector, batch size free, weights inside the one file
+    (this torch writes them beside it by default: a single file is what atomic writing, the checksum and the
+    truncation checks need)."""
+    net = Exported(loaded.model.float(), loaded.ood).eval()
+    outputs = ['probabilities'] + (['ood_score'] if loaded.ood else [])
     size = loaded.pre['image_size']
     with tempfile.TemporaryDirectory() as tmp:
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):  # the exporter's chatter
             torch.onnx.export(net, (torch.zeros(2, 3, size, size),), os.path.join(tmp, 'model.onnx'),
-                              input_names=['image'], output_names=['probabilities'], opset_version=opset,
+                              input_names=['image'], output_names=outputs, opset_version=opset,
                               dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=4096)},), external_data=False)
         return onnx.load(os.path.join(tmp, 'model.onnx'))
 
@@ -58,7 +83,9 @@ def onnx_metadata(loaded, checkpoint):
             'threshold': repr(float(loaded.threshold)), 'arch': loaded.ckpt['arch'],
             'preprocess': json.dumps({
                 **pre, 'input': 'image: float32 [batch, 3, image_size, image_size], RGB, (pixel / 255 - mean) / std',
-                'output': 'probabilities: [batch, classes], in the order of classes',
+                'output': 'probabilities: [batch, classes], in the order of classes; ood_score (with a detector): '
+                          '[batch], the distance of the L2-normalised features to the nearest training photo\'s; '
+                          'above ood_threshold, a photo is unlike the training photos',
                 'decode': 'JPEG decoded by Pillow in draft mode at the smallest 1/2, 1/4 or 1/8 scale keeping both '
                           'sides >= resize (Image.draft("RGB", (resize, resize))); EXIF rotation applied; RGB',
                 'resize_how': 'shorter side to resize, bilinear with antialiasing (torchvision Resize on a PIL image)',
@@ -66,7 +93,11 @@ def onnx_metadata(loaded, checkpoint):
             'checkpoint_sha256': sha256_file(checkpoint), 'torch': str(torch.__version__),
             'torchvision': torchvision.__version__, 'temperature': repr((loaded.ckpt.get('head') or {}).get(
                 'temperature', 1.0)), 'head_trained_on': f'{loaded.ckpt.get("precision") or "fp32"} features',
-            'not_a_diagnosis': NOT_A_DIAGNOSIS}
+            'not_a_diagnosis': NOT_A_DIAGNOSIS,
+            **({'ood_threshold': repr(float(loaded.ood['threshold'])), 'ood_coverage': repr(loaded.ood['coverage'])}
+               if loaded.ood else {}),
+            **({'trained_prevalence': repr(loaded.ckpt['trained_prevalence'])}
+               if loaded.ckpt.get('trained_prevalence') is not None else {})}
 
 
 def onnx_parity(loaded, session, cfg):
@@ -78,9 +109,9 @@ def onnx_parity(loaded, session, cfg):
                           if os.path.isfile(p)]
     cpu, own = torch.device('cpu'), loaded.ckpt.get('precision')
     ort = onnx_classifier(session, loaded.pre)
-    torch_runs = [classifier(loaded.model, cpu, 'fp32', loaded.pre)]
+    torch_runs = [classifier(loaded.model, cpu, 'fp32', loaded.pre, ood=loaded.ood)]
     if own == 'bf16' or (own == 'int8' and loaded.qparams and int8_engine()):
-        torch_runs.append(classifier(loaded.model, cpu, own, loaded.pre, qparams=loaded.qparams))
+        torch_runs.append(classifier(loaded.model, cpu, own, loaded.pre, qparams=loaded.qparams, ood=loaded.ood))
 
     def gap(x):  # the runtimes on the same crops, decoded once
         p = ort(x)
@@ -100,8 +131,12 @@ def onnx_parity(loaded, session, cfg):
 
 
 def onnx_classifier(session, pre):
-    """A batch of uint8 crops -> probabilities, by onnxruntime: the loop's model, from another runtime."""
-    return lambda x: torch.from_numpy(session.run(None, {'image': normalize(x, pre).contiguous().numpy()})[0])
+    """A batch of uint8 crops -> probabilities (then the out-of-distribution score, when the file has one), by
+    onnxruntime: the loop's model, from another runtime."""
+    def fn(x):
+        outputs = session.run(None, {'image': normalize(x, pre).contiguous().numpy()})
+        return torch.cat([torch.from_numpy(outputs[0])] + [torch.from_numpy(o).reshape(-1, 1) for o in outputs[1:]], 1)
+    return fn
 
 
 def load_onnx(path, cfg):
@@ -130,6 +165,10 @@ def load_onnx(path, cfg):
                         'export the checkpoint with `python monkeypox.py export`')
     classes, pre = json.loads(meta['classes']), json.loads(meta['preprocess'])
     session = ort.InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider'])
-    return Loaded(None, {'arch': meta['arch'], 'epoch': None, 'precision': 'fp32'}, classes,
+    ood = {'threshold': float(meta['ood_threshold']), 'coverage': float(meta['ood_coverage'])} \
+        if 'ood_threshold' in meta else None
+    prevalence = float(meta['trained_prevalence']) if 'trained_prevalence' in meta else None
+    return Loaded(None, {'arch': meta['arch'], 'epoch': None, 'precision': 'fp32', 'ood': ood,
+                         'trained_prevalence': prevalence}, classes,
                   classes.index(meta['positive_class']) if meta['positive_class'] in classes else None,
                   {k: pre[k] for k in ('image_size', 'resize', 'mean', 'std')}, float(meta['threshold']), session)

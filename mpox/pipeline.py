@@ -9,20 +9,23 @@ import time
 import torch
 
 from .checkpoint import load_checkpoint
-from .data import DATASET_URL, Split, drop_unreadable, positive_index, print_split, read_dataset, split_photos
+from .data import (DATASET_URL, Photo, Split, collect_images, drop_unreadable, positive_index, print_split,
+                   read_dataset, split_photos)
 from .devices import resolve_device
 from .download import DATASET_CITATION, download_dataset
 from .features import Extractor, Features
 from .fidelity import check_fidelity, precisions_to_try, remember_unfaithful
 from .files import load_memo, save_memo
+from .head import inner_folds
 from .images import EVAL_VIEW, report_skipped
 from .inference import classifier, score_photos
-from .metrics import json_ready
+from .metrics import decide, json_ready, roc_auc
 from .model import WeightsSpec, resolve_weights
 from .onnxfile import load_onnx, onnx_classifier
+from .ood import fit_ood, post_test_probability
 from .plots import plot_calibration, plot_confusion, plot_roc
 from .precision import scoring_precision
-from .system import NOT_A_DIAGNOSIS, UserError, gather, is_main, say
+from .system import NOT_A_DIAGNOSIS, UserError, gather, is_main, say, warn
 
 
 @dataclasses.dataclass
@@ -35,12 +38,13 @@ class Prepared:
     train_features: 'Features'  # the stored random views of the training photos
     val_features: 'Features'    # the evaluation view of the validation photos
     fidelity: list           # each faster arithmetic tried, checked against fp32 (check_fidelity), in order
+    ood: dict = None         # the out-of-distribution detector of the training photos (train only)
 
 
 def prepare(cfg, every_photo=False):
     """What train and cv start from: the photos (cv: every photo, its folds drawn later), the weights,
     the screened class, and the backbone's features of every photo, from the cache where it has them, in
-    the fastest arithmetic that reproduces fp32 for this network and head (settle_precision)."""
+    the fastest arithmetic that reproduces fp32 for this network and head (fidelity.check_fidelity)."""
     download_if_missing(cfg)
     memo = load_memo(cfg.cache)
     classes, parts = read_dataset(cfg.data, memo)
@@ -59,16 +63,38 @@ def prepare(cfg, every_photo=False):
             (f', then its last {cfg.unfreeze} stages fine-tuned' if cfg.unfreeze else ''))
     crops = len(split.train) * cfg.views + len(split.val)  # this run's, whatever the cache holds
     checks = []
+    extractor = None
     for precision in precisions_to_try(cfg, spec, device, crops):
-        extractor = Extractor(cfg, split.classes, spec, precision=precision, calibration=split.train)
+        shared = extractor.built_model() if extractor else None  # the pretrained network, loaded once
+        extractor = Extractor(cfg, split.classes, spec, precision=precision, calibration=split.train, model=shared)
         train_f, val_f = extract_features(cfg, extractor, split, every_photo, what)
         if precision == 'fp32':
             break
         checks.append(check_fidelity(cfg, extractor, train_f, positive))
-        if checks[-1]['faithful'] or cfg.precision != 'auto':
+        if gather(checks[-1]['faithful'])[0] or cfg.precision != 'auto':  # rank 0's verdict: every rank goes on alike
             break
         remember_unfaithful(cfg, extractor, checks[-1])
-    return Prepared(split, what, spec, positive, extractor, train_f, val_f, checks)
+    ood = None if every_photo else fit_detector(cfg, extractor, split)
+    return Prepared(split, what, spec, positive, extractor, train_f, val_f, checks, ood)
+
+
+def fit_detector(cfg, extractor, split):
+    """The out-of-distribution detector of the training photos' centre crops (the view predict scores: one
+    pass more over the training photos, cached like the others), its threshold set on photos held out by
+    patient. None when there are too few patients for the inner folds."""
+    if cfg.unfreeze:  # fine-tuning moves the features the detector would be fit on
+        say('out of distribution: no detector with --unfreeze (fine-tuning changes the features it reads)')
+        return None
+    centre, _ = extractor.features(split.train, [EVAL_VIEW])
+    ood = fit_ood(centre.x[:, 0], inner_folds(centre.photos), cfg.ood_coverage)
+    if ood is None:
+        warn('too few patients to set the out-of-distribution threshold: predict will not warn of photos unlike '
+             'the training photos')
+        return None
+    say(f'out of distribution: a photo is unlike the training photos when its features lie further than '
+        f'{ood["threshold"]:.3f} from the nearest of the {ood["photos"]} training photos\' (the distance '
+        f'{cfg.ood_coverage:.0%} of photos held out by patient stay within)')
+    return ood
 
 
 def extract_features(cfg, extractor, split, every_photo, what):
@@ -114,6 +140,9 @@ def download_if_missing(cfg):
                                  '--data DIR with photos of your own')
         except UserError as e:
             failure = str(e)
+        else:
+            say(f'{cfg.data}: the 228 MSLD photos in train/ val/ test/ (split by patient, seed {cfg.seed}); license '
+                f'CC BY-NC, see {os.path.join(cfg.data, "LICENSE.txt")}')
     failure = gather(failure)[0]
     if failure:
         raise UserError(failure)
@@ -141,15 +170,86 @@ def report(cfg, result, m, labels, probs, out, title, print_text):
 
 def checkpoint_probabilities(loaded, photos, cfg, desc):
     """Class probabilities of the photos by a loaded checkpoint, computed as its training computed them, or
-    by an exported ONNX file, run by onnxruntime on the CPU: the same loop, another model."""
+    by an exported ONNX file, run by onnxruntime on the CPU: the same loop, another model. Returns
+    ({index: probabilities}, {index: out-of-distribution score} or None without a detector, failures)."""
     if loaded.session is not None:
-        return score_photos(onnx_classifier(loaded.session, loaded.pre), photos, cfg, torch.device('cpu'), loaded.pre,
-                            desc)
-    device = resolve_device(cfg.device)
-    fn = classifier(loaded.model, device, scoring_precision(cfg, loaded, device), loaded.pre, qparams=loaded.qparams)
-    return score_photos(fn, photos, cfg, device, loaded.pre, desc)
+        device, fn = torch.device('cpu'), onnx_classifier(loaded.session, loaded.pre)
+    else:
+        device = resolve_device(cfg.device)
+        fn = classifier(loaded.model, device, scoring_precision(cfg, loaded, device), loaded.pre,
+                        qparams=loaded.qparams, ood=loaded.ood)
+    rows, failures = score_photos(fn, photos, cfg, device, loaded.pre, desc)
+    if loaded.ood is None:
+        return rows, None, failures
+    return {i: r[:-1] for i, r in rows.items()}, {i: r[-1] for i, r in rows.items()}, failures
 
 
 def load_model(path, cfg):
     """What predict and evaluate score with: a checkpoint, or an ONNX file that `export` wrote."""
     return load_onnx(path, cfg) if str(path).lower().endswith('.onnx') else load_checkpoint(path, cfg)
+
+
+CV_PREVALENCES = (0.01, 0.1, 0.5)  # cv's PPV and NPV: the MSLD share of mpox (45%) is far above a clinic's
+
+
+def check_prevalence(cfg, loaded):
+    """--prevalence needs a screened class: one line otherwise."""
+    if cfg.prevalence and loaded.positive is None:
+        raise UserError(f'--prevalence: {cfg.checkpoint} has no screened class (classes {loaded.classes}), so there is '
+                        'no positive call to give a PPV or NPV for; drop --prevalence')
+
+
+def cv_prevalences(cfg, positive):
+    """The prevalences cv gives PPV and NPV at: a few by default, and --prevalence."""
+    if positive is None:
+        if cfg.prevalence:
+            raise UserError('--prevalence: these classes have no screened class (--positive-class NAME names one)')
+        return []
+    return sorted(set(CV_PREVALENCES) | ({cfg.prevalence} if cfg.prevalence else set()))
+
+
+def answer(path, probs, score, loaded, threshold, prevalence):
+    """One photo's answer, as predict prints it and --json holds it: the class, its probability, the
+    out-of-distribution score and verdict (None without a detector) and, at a --prevalence, the post-test
+    probability of the screened class."""
+    label = decide([probs], loaded.positive, threshold)[0]
+    found = {'path': path, 'label': loaded.classes[label], 'probability': probs[label],
+             'probabilities': dict(zip(loaded.classes, probs)), 'ood_score': score,
+             'unlike_training': None if score is None else bool(score > loaded.ood['threshold'])}
+    trained = loaded.ckpt.get('trained_prevalence')
+    if prevalence and trained:
+        found['prevalence'] = prevalence
+        found['post_test_probability'] = post_test_probability(probs[loaded.positive], trained, prevalence)
+    return found
+
+
+def answer_line(found, loaded):
+    """predict's line for one photo: path, class and probability, then what qualifies them."""
+    line = f'{found["path"]}\t{found["label"]}\t{found["probability"]:.3f}'
+    if 'post_test_probability' in found:
+        line += (f'\tP({loaded.classes[loaded.positive]}) at prevalence {found["prevalence"]:g}: '
+                 f'{found["post_test_probability"]:.3f}')
+    if found['unlike_training']:
+        line += '\twarning: unlike the training photos, the answer is a guess about something it was not trained on'
+    return line
+
+
+def ood_report(loaded, cfg, scores):
+    """evaluate's out-of-distribution lines: how many evaluated photos the detector flags, and with --ood DIR
+    how well it tells those photos (not of the trained classes) from the evaluated ones (ROC AUC, share
+    flagged)."""
+    threshold = loaded.ood['threshold']
+    report = {'threshold': threshold, 'coverage': loaded.ood.get('coverage'), 'n': len(scores),
+              'flagged': sum(s > threshold for s in scores)}
+    if not cfg.ood:
+        return report
+    files, problems = collect_images([cfg.ood])
+    if not files:
+        raise UserError(f'--ood {cfg.ood}: {problems[0][1].split(": ", 1)[-1]}; pass a folder of photos that are not '
+                        'of the trained classes')
+    _, outside, failures = checkpoint_probabilities(loaded, [Photo(f, -1, '') for f in files], cfg, 'ood')
+    report_skipped(failures)
+    far = list(outside.values())
+    report.update(ood_folder=cfg.ood, ood_n=len(far), ood_flagged=sum(s > threshold for s in far),
+                  ood_auroc=roc_auc([0] * len(scores) + [1] * len(far), list(scores) + far))
+    return report

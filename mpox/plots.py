@@ -16,7 +16,7 @@ from .system import say
 
 def new_figure(figsize, rows=1, cols=1, window=False):
     """A matplotlib figure and its axes grid: through pyplot only for a window; a file needs no GUI
-    backend, and skipping pyplot's import saves a fifth of a second on every run."""
+    backend, and pyplot's import is slow."""
     if window:
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(rows, cols, figsize=figsize, squeeze=False)
@@ -48,7 +48,9 @@ def plot_predictions(results, loaded, cfg):
     for k, r in enumerate(shown):
         ax = axes.flat[k * per]
         ax.imshow(load_rgb(r['path']))
-        ax.set_title(f'{r["label"]} ({r["probability"]:.0%})\n{os.path.basename(r["path"])}', fontsize=10)
+        unlike = '\nwarning: unlike the training photos' if r.get('unlike_training') else ''
+        ax.set_title(f'{r["label"]} ({r["probability"]:.0%})\n{os.path.basename(r["path"])}{unlike}', fontsize=10,
+                     color='darkred' if unlike else 'black')
         if cfg.explain:
             crop, heat = explain(r['path'], loaded.classes.index(r['label']))
             ax = axes.flat[k * per + 1]

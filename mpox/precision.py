@@ -102,7 +102,8 @@ class Backbone(nn.Module):
 
     def forward(self, x):
         x = x.float() - self.shift if self.folded else normalize(x, self.pre)
-        int8 = quantization() if self.precision == 'int8' else contextlib.nullcontext()  # its engine, in the pass
+        eager = not torch.compiler.is_compiling()  # its engine around the pass (a compiled graph has it built in)
+        int8 = quantization() if self.precision == 'int8' and eager else contextlib.nullcontext()
         with autocast(x.device, self.precision), int8:
             if self.net is not None:
                 return self.net(x)

@@ -31,13 +31,14 @@ class Run:
     progress lines, and the best epoch (copied, never referenced); with a `checkpoint` path, the atomic
     best checkpoint and the resume file too."""
 
-    def __init__(self, cfg, model, train, val, classes, positive, meta=None, checkpoint=None):
+    def __init__(self, cfg, model, train, val, classes, positive, meta=None, checkpoint=None, precision=None):
         self.cfg, self.model, self.train, self.val = cfg, model, train, val
         self.classes, self.positive, self.meta, self.resume = classes, positive, meta, None
         self.head_fit, self.cache_dir = {}, None  # the head's fit (fit_head); where its search is kept
         self.oof_logits = None  # the inner folds' out-of-fold logits of the training views, tempered (fit_head)
         self.device = resolve_device(cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        # the arithmetic the features were settled in (pipeline.prepare), which fine-tuning keeps
+        self.precision = precision or resolve_precision(cfg.precision, self.device)
         self.history, self.best, self.best_written = [], None, None
         self.last_write = time.time()  # fast (head) epochs: the best is written once, at the end
         # only rank 0 writes files; every rank keeps the same history and best (their numbers are equal)

@@ -168,6 +168,8 @@ def test_cv_reports_folds_mean_std_and_pooled_metrics_with_the_keys_of_evaluate(
     pooled = report['pooled']
     assert pooled['n'] == 30 and len(pooled['sensitivity_ci']) == 2
     assert sum(map(sum, pooled['confusion_matrix'])) == 30
+    assert [v['prevalence'] for v in report['predictive_values']] == [0.01, 0.1, 0.5]  # PPV/NPV where mpox is rare
+    assert report['predictive_values'][0]['ppv'] <= report['predictive_values'][2]['ppv']
     assert_picture(tmp_path / 'chk' / 'cv' / 'confusion.png', (550, 450))
     assert_picture(tmp_path / 'chk' / 'cv' / 'roc.png', (500, 500))
 

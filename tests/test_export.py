@@ -120,3 +120,15 @@ def test_files_that_are_not_this_tools_onnx_are_one_line_errors(tmp_path, cli):
     one_line_error(cli('evaluate', '--data', photos, '--checkpoint', tmp_path / 'cut.onnx'), 'cut.onnx',
                    'truncated or not ONNX')
     one_line_error(cli('predict', photo, '--checkpoint', tmp_path / 'missing.onnx'), 'missing.onnx', 'does not exist')
+
+
+@pytest.mark.slow
+def test_the_onnx_file_carries_the_out_of_distribution_check(exported, cli, tmp_path):
+    data, checkpoint, onnx_file = exported
+    model = onnx.load(onnx_file)
+    assert [o.name for o in model.graph.output] == ['probabilities', 'ood_score']
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert float(meta['ood_threshold']) == torch.load(checkpoint, weights_only=True)['ood']['threshold']
+    a, b = predictions(cli, [data], checkpoint), predictions(cli, [data], onnx_file)
+    assert max(abs(a[k]['ood_score'] - b[k]['ood_score']) for k in a) <= 1e-4
+    assert all(a[k]['unlike_training'] == b[k]['unlike_training'] for k in a)

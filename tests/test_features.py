@@ -44,7 +44,7 @@ def test_a_second_run_reads_the_cache_and_never_calls_the_backbone(tmp_path, pho
     first, x1 = extract(config(tmp_path), photos)
     assert first.backbone_calls > 0 and first.crops == 2 * len(photos)
     second, x2 = extract(config(tmp_path), photos)
-    assert second.backbone_calls == 0 and second._model is None  # not even built
+    assert second.backbone_calls == 0 and second.built_model() is None  # not even built
     assert torch.equal(x1, x2)
 
 
@@ -158,7 +158,7 @@ def test_int8_features_are_keyed_by_their_calibration_photos_which_the_cache_kee
     assert first.crops == 2 * len(photos) and first.qparams and (first.cache.dir / 'int8.json').exists()
     again, x2 = extract(cfg, photos, calibration=photos[3::-1])  # the same photos in another order: the same 3
     assert again.crops == 0 and torch.equal(x1, x2)
-    assert again.int8_calibration()['qparams'] == first.qparams and again._model is None  # read back, not rebuilt
+    assert again.int8_calibration()['qparams'] == first.qparams and again.built_model() is None  # read back, not rebuilt
     other, _ = extract(cfg, photos, calibration=photos[4:])
     assert other.crops == 2 * len(photos) and other.qparams != first.qparams
 
