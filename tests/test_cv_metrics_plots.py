@@ -116,7 +116,7 @@ def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tm
         img, disc = disc_photo(rng, True)
         img.save(tmp_path / f'test{i}.jpg', quality=92)
         photos.append((str(tmp_path / f'test{i}.jpg'), disc))
-    probs, failures = mpox.pipeline.checkpoint_probabilities(loaded, [mpox.data.Photo(path, 0, '') for path, _ in photos], cfg, 'test')
+    probs, _, failures = mpox.pipeline.checkpoint_probabilities(loaded, [mpox.data.Photo(path, 0, '') for path, _ in photos], cfg, 'test')
     assert not failures
     hits, misses, explain = 0, [], mpox.gradcam.grad_cam(loaded.model, loaded.pre, mpox.precision.explained_qparams(cfg, loaded))
     for i, (path, (x, y, radius)) in enumerate(photos):

@@ -130,5 +130,6 @@ def test_the_onnx_file_carries_the_out_of_distribution_check(exported, cli, tmp_
     meta = {p.key: p.value for p in model.metadata_props}
     assert float(meta['ood_threshold']) == torch.load(checkpoint, weights_only=True)['ood']['threshold']
     a, b = predictions(cli, [data], checkpoint), predictions(cli, [data], onnx_file)
-    assert max(abs(a[k]['ood_score'] - b[k]['ood_score']) for k in a) <= 1e-4
+    # a distance sqrt(2 - 2 cos) magnifies rounding near 0 (a training photo's own): 1e-7 in cos is 4e-4
+    assert max(abs(a[k]['ood_score'] - b[k]['ood_score']) for k in a) <= 3e-3
     assert all(a[k]['unlike_training'] == b[k]['unlike_training'] for k in a)
