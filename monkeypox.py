@@ -40,6 +40,7 @@ CROP_SCALE = 0.08           # --crop-scale: smallest share of a photo's area a R
 WEIGHT_DECAY = 'auto'       # --weight-decay: L2 penalty of the head on standardised features; 'auto': chosen by inner cv
 SEED = 0                    # --seed: validation split, fine-tuning's shuffling, random weights of --weights none
 VAL_FRACTION = 0.2          # --val-fraction: share of a flat dataset held out for the report, whole patients at a time
+PATIENTS = 'auto'           # --patients: auto (from file names, checked), none, re:REGEX, or a CSV file (path,patient)
 
 # Fine-tuning (the frozen head is fit to convergence; these shape the stages that --unfreeze trains)
 UNFREEZE = 0                # --unfreeze: last backbone stages fine-tuned after the head (0 = frozen backbone)
@@ -103,6 +104,7 @@ from mpox.metrics import aggregate, calibration, decide, metrics, operating_thre
 from mpox.model import freeze, new_head
 from mpox.onnxfile import onnx_graph, onnx_metadata, onnx_modules, onnx_parity
 from mpox.ood import predictive_values
+from mpox.patients import write_folds
 from mpox.pipeline import (answer, answer_line, check_prevalence, checkpoint_probabilities, cv_prevalences, load_model,
                            ood_report, prepare, report)
 from mpox.plots import plot_curves, plot_predictions, plot_sheet
@@ -173,6 +175,9 @@ def cv(cfg):
     held = calibration_patients(photos, prep.extractor.calibration)  # int8: they calibrate and train, never scored
     scored = [i for i in range(len(photos)) if i not in held]
     folds = grouped_folds([photos[i] for i in scored], cfg.folds, cfg.seed)
+    if is_main():
+        write_folds(os.path.join(cfg.out, 'folds.csv'), photos, {photos[i].path: f for i, f in zip(scored, folds)},
+                    cfg.data, classes)
     if held:
         say(f'int8: the {len(held)} photos of the patients whose photos calibrated the backbone train every fold '
             f'and are never scored: {len(scored)} photos are')
@@ -219,7 +224,7 @@ def cv(cfg):
         del pooled['untempered']['bins']
     result = {'folds': results, 'mean': aggregate(results, 'mean'), 'std': aggregate(results, 'sd'),
               'pooled': pooled, 'data': prep.what, 'arch': cfg.arch, 'weights': prep.spec.name, 'seed': cfg.seed,
-              'precision': prep.extractor.precision, 'fidelity': prep.fidelity,
+              'precision': prep.extractor.precision, 'fidelity': prep.fidelity, 'grouping': prep.split.grouping,
               'calibration_only': sorted(photos[i].path for i in held),
               'predictive_values': [predictive_values(pooled, q) for q in cv_prevalences(cfg, positive)],
               'config': vars(cfg)}
@@ -418,6 +423,8 @@ def build_parser():
          metavar='W')
     flag(training, '--seed', int, 'split, initialisation and shuffling')
     flag(training, '--val-fraction', fraction, 'validation share of a flat dataset, whole patients at a time (0: none)')
+    flag(training, '--patients', str, 'how photos group into patients: auto (file names, checked), none, re:REGEX '
+         '(group 1 of a match on the file name) or a CSV file (path,patient)', metavar='P')
     flag(training, '--crop-scale', open_fraction, 'smallest share of the photo a training crop keeps')
     flag(training, '--views', positive_int, 'random training crops per photo')
     flag(training, '--out', str, 'folder for checkpoint, class map, summary, curves and cache',
@@ -483,6 +490,7 @@ def build_parser():
     flag(p, '--url', str, 'where the authors\' archive is (URL or file)', default=d['archive_url'], metavar='URL')
     p.add_argument('--force', action='store_true', help='replace a non-empty --dest')
     flag(p, '--seed', int, 'the patient-grouped split')
+    flag(p, '--patients', str, 'how photos group into patients (as train\'s --patients)', metavar='P')
     p = command('export', [general], 'the model as one ONNX file, for runtimes outside PyTorch')
     flag(p, '--checkpoint', str, 'checkpoint written by train', metavar='FILE')
     flag(p, '--out', str, 'the .onnx file (empty: the checkpoint\'s path, ending .onnx)', default='', metavar='FILE')

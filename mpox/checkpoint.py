@@ -38,7 +38,7 @@ def checkpoint_meta(cfg, prep):
                                                           'id': prep.spec.ident},
             'config': dict(vars(cfg)), 'precision': prep.extractor.precision, 'int8': prep.extractor.int8_calibration(),
             'fidelity': prep.fidelity, 'ood': prep.ood, 'trained_prevalence': trained_prevalence(split, positive),
-            'split': {'root': os.path.abspath(split.root), 'how': split.how, 'seed': cfg.seed,
+            'split': {'root': os.path.abspath(split.root), 'how': split.how, 'seed': cfg.seed, 'grouping': split.grouping,
                       'val_fraction': cfg.val_fraction, 'skipped': split.skipped,
                       **{part: [os.path.relpath(p.path, split.root) for p in getattr(split, part)]
                          for part in ('train', 'val')}},

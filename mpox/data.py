@@ -21,6 +21,7 @@ class Photo:
     path: str    # file on disk
     label: int   # index into the class list
     sha: str     # sha256 of the bytes: the photo's identity in the feature cache and the split
+    patient: str = ''  # who the photo is of (patients.assign_patients); '' : by its file name (group_key)
 
 
 @dataclasses.dataclass
@@ -31,6 +32,7 @@ class Split:
     val: list                 # Photos (may be empty)
     how: str                  # 'folders' (DIR/train + DIR/val) or 'grouped' (split here by patient)
     skipped: list = dataclasses.field(default_factory=list)  # [path, reason] of unreadable images
+    grouping: dict = None     # how photos were grouped into patients (patients.grouping)
 
 
 LAYOUT_HELP = ('Expected one folder per class, e.g. monkeypoxdata/Monkey Pox/*.jpg and monkeypoxdata/Others/*.jpg '
@@ -173,9 +175,11 @@ def print_split(split, note=''):
     how = {'folders': 'train/ and val/ folders', 'grouped': 'split by patient'}[split.how]
     say(f'data: {split.root} ({how}{note}): {len(split.train)} training, {len(split.val)} validation photos')
     width = max(len(c) for c in split.classes)
-    say(f'  {"class":<{width}}  train    val')
+    say(f'  {"class":<{width}}  train (patients)    val (patients)')
     for k, c in enumerate(split.classes):
-        say(f'  {c:<{width}}  {sum(p.label == k for p in split.train):5d}  {sum(p.label == k for p in split.val):5d}')
+        counts = [f'{sum(p.label == k for p in part):5d} ({len({p.patient for p in part if p.label == k}):4d})'
+                  for part in (split.train, split.val)]
+        say(f'  {c:<{width}}  {counts[0]}        {counts[1]}')
 
 
 def group_key(path):
@@ -197,30 +201,31 @@ def patient_groups(photos):
 
     first = {}
     for i, p in enumerate(photos):
-        for key in (('name',) + group_key(p.path), ('bytes', p.label, p.sha)):
+        for key in (('patient', p.patient or '/'.join(group_key(p.path))), ('bytes', p.label, p.sha)):
             j = first.setdefault(key, i)
             parent[find(i)] = find(j)
     return [find(i) for i in range(len(photos))]
 
 
 def patients_by_class(photos):
-    """For each class in index order, its patients as lists of photo indices (in order of first photo)."""
+    """For each class in index order, its patients as (group id, photo indices) (in order of first photo). A
+    patient with photos in two classes is in both lists, under one group id."""
     groups, by_class = patient_groups(photos), {}
     for i, p in enumerate(photos):
         by_class.setdefault(p.label, {}).setdefault(groups[i], []).append(i)
-    return [list(by_class[label].values()) for label in sorted(by_class)]
+    return [list(by_class[label].items()) for label in sorted(by_class)]
 
 
 def grouped_folds(photos, folds, seed):
     """Stratified folds that keep each patient's photos together: per class, patients (largest first,
     ties in seeded random order) go to the fold holding fewest photos of that class."""
-    rng, fold_of = random.Random(seed), [0] * len(photos)
+    rng, fold_of, placed = random.Random(seed), [0] * len(photos), {}
     for order in patients_by_class(photos):
         rng.shuffle(order)
-        order.sort(key=len, reverse=True)  # stable: equal sizes keep the shuffled order
+        order.sort(key=lambda group: len(group[1]), reverse=True)  # stable: equal sizes keep the shuffled order
         load = [0] * folds
-        for idx in order:
-            f = min(range(folds), key=lambda k: (load[k], k))
+        for group, idx in order:  # a patient met in an earlier class keeps that class's fold
+            f = placed.setdefault(group, min(range(folds), key=lambda k: (load[k], k)))
             load[f] += len(idx)
             for i in idx:
                 fold_of[i] = f
@@ -230,16 +235,15 @@ def grouped_folds(photos, folds, seed):
 def grouped_split(photos, val_fraction, seed):
     """(train, val): per class, whole patients in seeded random order go to validation until it holds
     val_fraction of that class's photos."""
-    rng, in_val = random.Random(seed), [False] * len(photos)
+    rng, in_val, placed = random.Random(seed), [False] * len(photos), {}
     for order in patients_by_class(photos):
         rng.shuffle(order)
-        target, taken = round(val_fraction * sum(map(len, order))), 0
-        for idx in order[:-1]:  # the last patient always stays in train, so train keeps every class
-            if taken >= target:
-                break
-            taken += len(idx)
+        target, taken = round(val_fraction * sum(len(idx) for _, idx in order)), 0
+        for k, (group, idx) in enumerate(order):  # a patient met in an earlier class keeps that class's side
+            held = placed.setdefault(group, k < len(order) - 1 and taken < target)  # the last stays in train
+            taken += len(idx) if held else 0
             for i in idx:
-                in_val[i] = True
+                in_val[i] = held
     return ([p for p, v in zip(photos, in_val) if not v], [p for p, v in zip(photos, in_val) if v])
 
 

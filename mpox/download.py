@@ -10,8 +10,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import DATASET_URL, group_key, grouped_split, read_photos
+from .data import DATASET_URL, grouped_split, read_photos
 from .images import is_image_file
+from .patients import assign_patients, check_grouping
 from .system import UserError, first_line
 
 
@@ -75,6 +76,8 @@ def layout_dataset(src, out, cfg):
     """train/ val/ test/ by patient and class (test: TEST_FRACTION, val: VAL_FRACTION of all photos), a copy
     of one test photo as test/test.jpg (TEST_IMAGE), SPLIT.csv and the dataset's license and citation."""
     classes, photos = read_photos(str(src))
+    assign_patients(photos, str(src), cfg.patients)
+    check_grouping(photos, classes, cfg.patients, 3, 'the train/ val/ test/ split')
     rest, test = grouped_split(photos, cfg.test_fraction, cfg.seed)
     train, val = grouped_split(rest, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
     rows = []
@@ -84,7 +87,7 @@ def layout_dataset(src, out, cfg):
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(p.path, out / rel)
             rows.append({'path': rel.as_posix(), 'class': classes[p.label], 'split': name,
-                         'patient': '/'.join(group_key(p.path)), 'sha256': p.sha})
+                         'patient': p.patient, 'sha256': p.sha})
     shutil.copyfile(test[0].path, out / 'test' / 'test.jpg')
     with open(out / 'SPLIT.csv', 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -23,6 +23,7 @@ from .metrics import decide, json_ready, roc_auc
 from .model import WeightsSpec, resolve_weights
 from .onnxfile import load_onnx, onnx_classifier
 from .ood import fit_ood, post_test_probability
+from .patients import assign_patients, check_grouping, grouping
 from .plots import plot_calibration, plot_confusion, plot_roc
 from .precision import scoring_precision
 from .system import NOT_A_DIAGNOSIS, UserError, gather, is_main, say, warn
@@ -48,7 +49,18 @@ def prepare(cfg, every_photo=False):
     download_if_missing(cfg)
     memo = load_memo(cfg.cache)
     classes, parts = read_dataset(cfg.data, memo)
+    every = [p for part in parts.values() for p in part]
+    assign_patients(every, cfg.data, cfg.patients)  # before any heavy work: a wrong grouping stops here
+    grouped = every if every_photo else parts.get('all') or parts['train']
+    if every_photo:
+        least, need = cfg.folds, f'cv with {cfg.folds} folds'
+    elif 'all' in parts and cfg.val_fraction > 0:
+        least, need = 2, 'the validation split'
+    else:
+        least, need = (2, '--weight-decay auto') if cfg.weight_decay == 'auto' else (1, 'training')
+    check_grouping(grouped, classes, cfg.patients, least, need)
     split, what = split_photos(cfg.data, classes, parts, cfg), cfg.data
+    split.grouping = grouping(every, cfg.patients)
     if every_photo:
         split.train = split.val = parts.get('all') or split.train + split.val
         what = cfg.data if 'all' in parts else f'{cfg.data}/train + val (test/ left untouched)'

@@ -90,8 +90,8 @@ def test_many_unreadable_images_are_summarised(tmp_path, cli):
 
 def test_a_class_left_without_readable_photos_is_an_error(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=6)
-    for f in (data / 'Others').iterdir():
-        f.write_bytes(b'garbage')
+    for k, f in enumerate((data / 'Others').iterdir()):
+        f.write_bytes(b'garbage %d' % k)  # each its own bytes: identical files would be one patient
     one_line_error(cli('train', '--data', data, '--out', tmp_path / 'chk', *TINY), "'Others'", 'no readable')
 
 
