@@ -171,6 +171,7 @@ def cv(cfg):
     scored on its fold, whose patients it never saw. In int8, the patients whose photos calibrated the
     backbone train every fold and are never scored."""
     prep = prepare(cfg, every_photo=True)
+    prevalences = cv_prevalences(cfg, prep.positive)  # a bad --prevalence stops here, before the folds
     photos, classes, positive = prep.train_features.photos, prep.split.classes, prep.positive
     held = calibration_patients(photos, prep.extractor.calibration)  # int8: they calibrate and train, never scored
     scored = [i for i in range(len(photos)) if i not in held]
@@ -226,7 +227,7 @@ def cv(cfg):
               'pooled': pooled, 'data': prep.what, 'arch': cfg.arch, 'weights': prep.spec.name, 'seed': cfg.seed,
               'precision': prep.extractor.precision, 'fidelity': prep.fidelity, 'grouping': prep.split.grouping,
               'calibration_only': sorted(photos[i].path for i in held),
-              'predictive_values': [predictive_values(pooled, q) for q in cv_prevalences(cfg, positive)],
+              'predictive_values': [predictive_values(pooled, q) for q in prevalences],
               'config': vars(cfg)}
     report(cfg, result, pooled, labels, probs, os.path.join(cfg.out, 'cv'),
            f'{cfg.folds}-fold cross-validation, pooled ({len(labels)} photos)', print_cv)
@@ -239,6 +240,8 @@ def evaluate(cfg):
     loaded = load_model(cfg.checkpoint, cfg)
     photos, what = evaluation_photos(loaded, cfg)
     check_prevalence(cfg, loaded)
+    if cfg.ood and loaded.ood is None:
+        raise UserError(f'--ood: {cfg.checkpoint} has no out-of-distribution detector to measure; drop --ood')
     probs, scores, failures = checkpoint_probabilities(loaded, photos, cfg, 'evaluate')
     report_skipped(failures)
     scored = [i for i in range(len(photos)) if i in probs]
@@ -272,7 +275,7 @@ def predict(cfg):
         problems += failures
         if scores is None:
             say(f'note: {cfg.checkpoint} has no out-of-distribution detector, so it cannot say when a photo is unlike '
-                'its training photos (ood_score: null); retrain it to get one')
+                'its training photos (ood_score: null); a frozen-backbone `train` makes one, `export` carries it')
         threshold = operating_threshold(cfg, loaded)
         results = [answer(f, probs[i], scores and scores[i], loaded, threshold, cfg.prevalence)
                    for i, f in enumerate(files) if i in probs]
@@ -531,8 +534,10 @@ def parse_args(argv):
                                  'drop --unfreeze or --device cuda, or use --precision fp32')
     if cfg.calibration_photos < 1:
         command_parser.error(f'--set CALIBRATION_PHOTOS={cfg.calibration_photos}: must be at least 1')
-    if not 0 <= cfg.prevalence < 1 or not 0 < cfg.ood_coverage < 1:
-        command_parser.error('PREVALENCE must be between 0 (none) and 1, OOD_COVERAGE strictly between 0 and 1')
+    if not 0 <= cfg.prevalence < 1:
+        command_parser.error(f'PREVALENCE {cfg.prevalence}: must be 0 (none) or between 0 and 1')
+    if not 0 < cfg.ood_coverage < 1:
+        command_parser.error(f'OOD_COVERAGE {cfg.ood_coverage}: must be between 0 and 1')
     cfg.run_only = parser.run_only + ['download_missing', 'run_only']  # what a resumed run may change
     if cfg.command in ('run', 'train', 'cv'):
         cfg.cache = '' if cfg.no_cache else (cfg.cache or os.path.join(cfg.out, 'cache'))

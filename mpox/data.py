@@ -244,6 +244,11 @@ def grouped_split(photos, val_fraction, seed):
             taken += len(idx) if held else 0
             for i in idx:
                 in_val[i] = held
+    for order in patients_by_class(photos):  # a class whose patients all went with other classes' to validation
+        if all(in_val[i] for _, idx in order for i in idx):
+            group = min(order, key=lambda g: len(g[1]))[0]  # its smallest patient trains, in every class
+            for i, g in enumerate(patient_groups(photos)):
+                in_val[i] = in_val[i] and g != group
     return ([p for p, v in zip(photos, in_val) if not v], [p for p, v in zip(photos, in_val) if v])
 
 

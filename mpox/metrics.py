@@ -169,10 +169,13 @@ def interval(c):
 
 
 def print_predictive_values(rows, positive_name):
-    """PPV and NPV at each prevalence of `rows` (ood.predictive_values), with their intervals."""
+    """PPV and NPV at each prevalence of `rows` (ood.predictive_values), each with the range the ends of the
+    95% intervals of sensitivity and specificity give (a range, not itself a 95% interval)."""
+    def span(c):
+        return '' if c is None or math.isnan(c[0]) else f' (from the 95% intervals: {c[0]:.2f}-{c[1]:.2f})'
     for r in rows:
-        say(f'  at a prevalence of {r["prevalence"]:.3g}: PPV {number(r["ppv"])}{interval(r["ppv_ci"])} (a photo called '
-            f'{positive_name} is one), NPV {number(r["npv"])}{interval(r["npv_ci"])} (a photo called otherwise is not)')
+        say(f'  at a prevalence of {r["prevalence"]:.3g}: PPV {number(r["ppv"])}{span(r["ppv_ci"])} (a photo called '
+            f'{positive_name} is one), NPV {number(r["npv"])}{span(r["npv_ci"])} (a photo called otherwise is not)')
 
 
 def print_ood(r):

@@ -94,7 +94,8 @@ def onnx_metadata(loaded, checkpoint):
             'torchvision': torchvision.__version__, 'temperature': repr((loaded.ckpt.get('head') or {}).get(
                 'temperature', 1.0)), 'head_trained_on': f'{loaded.ckpt.get("precision") or "fp32"} features',
             'not_a_diagnosis': NOT_A_DIAGNOSIS,
-            **({'ood_threshold': repr(float(loaded.ood['threshold'])), 'ood_coverage': repr(loaded.ood['coverage'])}
+            **({'ood_threshold': repr(float(loaded.ood['threshold'])), 'ood_coverage': repr(loaded.ood['coverage']),
+                'ood_k': repr(loaded.ood['k'])}
                if loaded.ood else {}),
             **({'trained_prevalence': repr(loaded.ckpt['trained_prevalence'])}
                if loaded.ckpt.get('trained_prevalence') is not None else {})}
@@ -113,9 +114,11 @@ def onnx_parity(loaded, session, cfg):
     if own == 'bf16' or (own == 'int8' and loaded.qparams and int8_engine()):
         torch_runs.append(classifier(loaded.model, cpu, own, loaded.pre, qparams=loaded.qparams, ood=loaded.ood))
 
-    def gap(x):  # the runtimes on the same crops, decoded once
-        p = ort(x)
-        return torch.stack([(fn(x) - p).abs().amax(1) for fn in torch_runs], 1)
+    classes = len(loaded.classes)
+
+    def gap(x):  # the runtimes' probabilities on the same crops, decoded once (not the out-of-distribution score)
+        p = ort(x)[:, :classes]
+        return torch.stack([(fn(x)[:, :classes] - p).abs().amax(1) for fn in torch_runs], 1)
     if paths:
         single = argparse.Namespace(**{**vars(cfg), 'workers': 0, 'device': 'cpu'})
         rows, failed = score_photos(gap, [Photo(p, -1, '') for p in paths], single, cpu, loaded.pre, 'check')

@@ -31,7 +31,6 @@ def fit_ood(x, folds, coverage, k=OOD_NEIGHBOURS):
     """The detector of the training photos' centre-crop features `x` [photos, dim]: their normalised rows
     (the bank), and the threshold that `coverage` of the photos of held-out folds (`folds`: a fold per
     photo, by patient) stay within when scored against the other folds. None with fewer than two folds."""
-    x = x.double()
     used = sorted(set(folds))
     if len(used) < 2:
         return None
@@ -40,7 +39,7 @@ def fit_ood(x, folds, coverage, k=OOD_NEIGHBOURS):
         out = torch.tensor([f == fold for f in folds])
         held.append(distances(x[out], normalised(x[~out]), k))
     held = torch.cat(held).sort().values
-    threshold = float(held[min(len(held) - 1, math.ceil(coverage * len(held)) - 1)])
+    threshold = float(held[min(len(held) - 1, math.ceil(coverage * len(held) - 1e-9) - 1)])
     return {'method': f'distance to the {k}-th nearest training photo, features L2-normalised',
             'k': k, 'bank': normalised(x), 'threshold': threshold,
             'coverage': coverage, 'photos': len(x), 'held_out_median': float(held.median())}
@@ -74,7 +73,7 @@ def predictive_values(m, prevalence):
 def post_test_probability(p, trained_prevalence, prevalence):
     """A calibrated probability of the screened class re-weighted from the prevalence it was trained at to
     another (the odds scale by the ratio of the two prevalences' odds)."""
-    if p <= 0 or p >= 1:
+    if p <= 0 or p >= 1 or not 0 < trained_prevalence < 1:
         return p
     odds = p / (1 - p) * (prevalence / (1 - prevalence)) / (trained_prevalence / (1 - trained_prevalence))
     return odds / (1 + odds)

@@ -4,11 +4,12 @@ import collections
 import csv
 import io
 import os
+import posixpath
 import re
 
-from .data import group_key, patients_by_class
+from .data import group_key, patient_groups, patients_by_class
 from .files import atomic_write
-from .system import UserError, warn
+from .system import UserError, first_line, warn
 
 SHARE_OF_ONE_PATIENT = 1 / 3  # a class whose largest "patient" holds more than this share of its photos,
 MOST_PHOTOS_OF_ONE_PATIENT = 5  # and more photos than this, was grouped by a rule that does not fit its names
@@ -74,18 +75,22 @@ def matched(pattern, path, spec):
 def read_table(spec, root):
     """The CSV file's {path relative to the data folder: patient}, every row checked."""
     try:
-        with open(spec, newline='') as f:
+        with open(spec, newline='', encoding='utf-8-sig') as f:  # utf-8, with or without a BOM (spreadsheets)
             rows = list(csv.reader(f))
     except OSError as e:
         raise UserError(f'--patients {spec}: cannot read it ({e.strerror or e}); pass auto, none, re:REGEX or a '
                         'CSV file') from e
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f'--patients {spec}: not a UTF-8 CSV file ({first_line(e)}); save it as CSV UTF-8') from e
     if not rows or [c.strip() for c in rows[0]] != ['path', 'patient']:
         raise UserError(f'--patients {spec}: the first row must be the header "path,patient"')
     table = {}
     for n, row in enumerate(rows[1:], start=2):
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
             raise UserError(f'--patients {spec}: row {n} must be "path,patient", both given')
-        path, patient = row[0].strip().replace('\\', '/'), row[1].strip()
+        path, patient = posixpath.normpath(row[0].strip().replace('\\', '/')), row[1].strip()
+        if posixpath.isabs(path) or path.startswith('../'):
+            raise UserError(f'--patients {spec}: row {n} names {path}; paths are relative to the data folder')
         if path in table:
             raise UserError(f'--patients {spec}: {path} is listed twice (rows {n} and an earlier one)')
         if not os.path.isfile(os.path.join(root, path)):
@@ -128,9 +133,11 @@ def check_grouping(photos, classes, spec, least, need):
 
 
 def grouping(photos, spec):
-    """What a checkpoint and cv --json record of the grouping used."""
-    patients = collections.Counter(p.patient for p in photos)
-    return {'patients': spec, 'groups': len(patients), 'largest': max(patients.values(), default=0), 'joined': 0}
+    """What a checkpoint and cv --json record of the grouping used: the spec, the groups the splits use, the
+    largest, and how many patients were joined to another by byte-identical photos."""
+    groups = collections.Counter(patient_groups(photos))
+    return {'patients': spec, 'groups': len(groups), 'largest': max(groups.values(), default=0),
+            'joined': len({p.patient for p in photos}) - len(groups)}
 
 
 def write_folds(path, photos, fold_of, root, classes):

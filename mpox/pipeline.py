@@ -205,10 +205,14 @@ CV_PREVALENCES = (0.01, 0.1, 0.5)  # cv's PPV and NPV: the MSLD share of mpox (4
 
 
 def check_prevalence(cfg, loaded):
-    """--prevalence needs a screened class: one line otherwise."""
+    """--prevalence needs a screened class: one line otherwise; predict's post-test probability needs the
+    prevalence the model was trained at, which a model made without it lacks (a note says so)."""
     if cfg.prevalence and loaded.positive is None:
         raise UserError(f'--prevalence: {cfg.checkpoint} has no screened class (classes {loaded.classes}), so there is '
                         'no positive call to give a PPV or NPV for; drop --prevalence')
+    if cfg.prevalence and cfg.command == 'predict' and not loaded.ckpt.get('trained_prevalence'):
+        say(f'note: {cfg.checkpoint} does not record the prevalence it was trained at, so predict gives no post-test '
+            'probability; evaluate --prevalence still gives PPV and NPV')
 
 
 def cv_prevalences(cfg, positive):

@@ -59,3 +59,19 @@ def test_grouped_folds_depend_on_the_seed_only(msld):
 
 def photos_of(root):
     return mpox.data.read_photos(str(root))[1]
+
+
+def test_a_patient_in_two_classes_stays_whole_and_every_class_keeps_training_photos():
+    for seed in range(40):
+        # class 1 has two patients, one of them shared with class 0: wherever class 0 sends it, class 1 trains
+        photos = [mpox.data.Photo(f'/d/a/{i}.jpg', 0, f'{i:064x}', patient=f'p{i % 4}') for i in range(8)] + \
+            [mpox.data.Photo(f'/d/b/{i}.jpg', 1, f'{i + 8:064x}', patient=p) for i, p in enumerate(['p0', 'p0', 'q'])]
+        train, val = mpox.data.grouped_split(photos, 0.5, seed)
+        assert {p.label for p in train} == {0, 1}, seed
+        sides = {}
+        for side, part in (('train', train), ('val', val)):
+            for p in part:
+                sides.setdefault(p.patient, set()).add(side)
+        assert all(len(s) == 1 for s in sides.values()), seed  # each patient on one side, across classes
+        folds = mpox.data.grouped_folds(photos, 2, seed)
+        assert len({f for p, f in zip(photos, folds) if p.patient == 'p0'}) == 1

@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-import mpox.head
 import mpox.metrics
 import mpox.ood
 from conftest import TINY, make_dataset, one_line_error

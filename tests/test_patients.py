@@ -3,6 +3,7 @@ that cannot be silently wrong, a patient kept whole across classes, and cv's fol
 import csv
 import json
 
+import numpy as np
 import pytest
 
 import mpox.data
