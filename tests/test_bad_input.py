@@ -1,6 +1,7 @@
 """Bad input gets a clear one-line answer, a non-zero exit code where the tool cannot go on, and loses
 nothing. Every bad file is built here, at test time, with Pillow or plain bytes."""
 import io
+import json
 import os
 import pickle
 import random
@@ -127,7 +128,7 @@ def test_a_dataset_of_odd_modes_trains(tmp_path, cli):
          lambda: img.resize((8, 8)).save(f)][i % 6]()
         if f.with_suffix('.png').exists() or f.with_suffix('.gif').exists():
             f.unlink()
-    r = cli('train', '--data', data, '--out', tmp_path / 'chk', *TINY)
+    r = cli('train', '--data', data, '--out', tmp_path / 'chk', *TINY, '--weight-decay', '1')  # no search to warn of
     assert r.returncode == 0, r.stderr
     assert 'warning' not in r.stderr
 
@@ -360,7 +361,7 @@ def test_sigterm_during_fine_tuning_saves_the_best_and_resume_finishes_like_an_u
     a = torch.load(tmp_path / 'full' / 'monkeypox_model.pkl', weights_only=True)
     b = torch.load(tmp_path / 'cut' / 'monkeypox_model.pkl', weights_only=True)
     assert (a['stage'], a['epoch']) == (b['stage'], b['epoch'])
-    assert a['metrics'] == b['metrics']
+    assert json.dumps(a['metrics']) == json.dumps(b['metrics'])  # NaN (a class never called) equal to NaN
     for k in a['model']:
         assert torch.allclose(a['model'][k].float(), b['model'][k].float(), atol=1e-5), k
     assert [r['train_loss'] for r in a['history']] == pytest.approx([r['train_loss'] for r in b['history']],

@@ -16,7 +16,7 @@ def test_checkpoint_is_self_describing_and_loads_with_weights_only(trained):
                 'metrics', 'split', 'versions', 'threshold'):
         assert key in ckpt, key
     assert ckpt['classes'] == ['Monkey Pox', 'Others'] and ckpt['positive_class'] == 'Monkey Pox'
-    assert ckpt['preprocess'] == {'image_size': 224, 'resize': 256, 'mean': list(mp.MEAN), 'std': list(mp.STD)}
+    assert ckpt['preprocess'] == {'image_size': 160, 'resize': 176, 'mean': list(mp.MEAN), 'std': list(mp.STD)}
     assert ckpt['model']['fc.weight'].shape == (2, 512)
     assert set(ckpt['split']['train']).isdisjoint(ckpt['split']['val'])
     assert ckpt['versions']['torch'] == str(torch.__version__)

@@ -62,7 +62,8 @@ def test_the_onnx_file_is_one_file_that_describes_itself(exported):
     assert meta['torch'] == str(torch.__version__) and meta['head_trained_on'] == f'{ckpt["precision"]} features'
     session = ort.InferenceSession(str(onnx_file), providers=['CPUExecutionProvider'])
     for batch in (1, 5):  # the batch size is free
-        p = session.run(None, {'image': np.zeros((batch, 3, 224, 224), np.float32)})[0]
+        size = pre['image_size']
+        p = session.run(None, {'image': np.zeros((batch, 3, size, size), np.float32)})[0]
         assert p.shape == (batch, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
 
 

@@ -48,7 +48,8 @@ def test_a_second_run_reads_the_cache_and_never_calls_the_backbone(tmp_path, pho
     assert torch.equal(x1, x2)
 
 
-@pytest.mark.parametrize('change', ['weights', 'arch', 'precision'])
+@pytest.mark.parametrize('change', ['weights', pytest.param('arch', marks=pytest.mark.slow),
+                                    pytest.param('precision', marks=pytest.mark.slow)])
 def test_changing_what_determines_the_features_recomputes_them(tmp_path, photos, change):
     extract(config(tmp_path), photos)
     if change == 'weights':
@@ -79,6 +80,7 @@ def test_changing_one_photos_bytes_recomputes_only_that_photo(tmp_path, photos):
     assert again.crops == 2  # its two views, nothing else
 
 
+@pytest.mark.slow
 def test_a_truncated_or_tampered_pack_is_detected_and_rebuilt_not_trusted(tmp_path, photos, capfd):
     _, x1 = extract(config(tmp_path), photos)
     packs = sorted((tmp_path / 'cache').rglob('pack-*.pt'))
@@ -126,13 +128,12 @@ def test_many_packs_are_merged_into_one_that_holds_every_row(tmp_path):
 @pytest.mark.slow
 def test_bf16_features_agree_with_fp32_on_real_photos(msld, torch_home, tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(torch_home))
-    photos = mpox.data.read_photos(str(msld))[1][::8]
+    photos = mpox.data.read_photos(str(msld))[1][::16]
     real = ('--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1')
     _, fp32 = extract(config(tmp_path, '--precision', 'fp32', *real), photos, ['eval'])
     _, bf16 = extract(config(tmp_path, '--precision', 'bf16', *real), photos, ['eval'])
     cos = torch.nn.functional.cosine_similarity(fp32[:, 0].float(), bf16[:, 0].float(), dim=1)
-    # measured on 29 MSLD photos: mean 0.996, worst photo 0.966 (bf16 keeps 8 bits of mantissa through
-    # 50 layers); the head's accuracy does not move (README, Precision)
+    # bf16 keeps 8 bits of mantissa through 50 layers: close, not equal (docs/precision.md gives the figures)
     assert cos.mean() > 0.99 and cos.min() > 0.95, cos
 
 
@@ -209,6 +210,7 @@ def test_no_cache_reads_no_hash_memo_from_the_working_folder(tmp_path, monkeypat
     assert mpox.files.load_memo(str(tmp_path)) == {'/some/photo.jpg': [1, 2, 'not its hash']}
 
 
+@pytest.mark.slow
 def test_compiling_follows_the_measured_threshold(tmp_path, monkeypatch):
     cpu, cuda = torch.device('cpu'), torch.device('cuda')
     cold, warm = mpox.features.COMPILE_MIN_CROPS['cold'], mpox.features.COMPILE_MIN_CROPS['warm']

@@ -112,6 +112,7 @@ def test_a_warm_run_reads_the_weight_decay_search_back(fixed_folders, cli):
     assert torch.load(out / 'monkeypox_model.pkl', weights_only=True)['head']['weight_decay'] == search['grid'][0]
 
 
+@pytest.mark.slow
 def test_val_fraction_0_trains_every_photo_and_evaluate_points_to_all_or_cv(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=10)
     r = cli('train', '--data', data, '--val-fraction', '0', '--out', tmp_path / 'chk', *TINY)
@@ -126,6 +127,7 @@ def test_val_fraction_0_trains_every_photo_and_evaluate_points_to_all_or_cv(tmp_
     assert r.returncode == 0 and json.loads(r.stdout)['n'] == 20
 
 
+@pytest.mark.slow
 def test_val_fraction_0_takes_the_threshold_from_the_inner_folds_out_of_fold_probabilities(tmp_path, cli):
     data = make_dataset(tmp_path / 'd', per_class=12)
     r = cli('train', '--data', data, '--val-fraction', '0', '--target-sensitivity', '0.9', '--out', tmp_path / 'chk',
@@ -147,6 +149,7 @@ def test_weight_decay_auto_needs_two_patients_of_each_class(tmp_path, cli):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_and_cv_report_honest_probabilities_and_draw_the_reliability_diagram(trained, tmp_path, cli):
     data, checkpoint = trained
     r = cli('evaluate', '--data', data, '--checkpoint', checkpoint, '--json', '--out', tmp_path / 'e')

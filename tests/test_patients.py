@@ -14,7 +14,6 @@ from conftest import TINY, draw_photo, make_dataset, one_line_error
 def numbered(root, per_class=12):
     """Class folders whose photos are numbered per class (Rash_1.jpg, Rash_2.jpg, ...), as public datasets
     often name them: the file-name rule makes each class one 'patient'."""
-    import numpy as np
     rng = np.random.default_rng(0)
     for name, prefix, colour in (('Monkey Pox', 'Mpox', (200, 30, 40)), ('Others', 'Rash', (40, 140, 160))):
         (root / name).mkdir(parents=True)
@@ -32,6 +31,7 @@ def test_a_class_that_the_file_names_make_one_patient_stops_before_any_extractio
     assert 'features:' not in r.stdout and not (tmp_path / 'chk' / 'cache').exists()
 
 
+@pytest.mark.slow
 def test_stated_groupings_are_used_and_the_split_table_counts_patients(tmp_path, cli):
     data = numbered(tmp_path / 'd')
     r = cli('train', '--data', data, '--out', tmp_path / 'none', '--patients', 'none', *TINY)

@@ -104,7 +104,7 @@ def test_the_default_run_hands_predict_the_settings_it_was_given(tmp_path, cli, 
     assert shown.command == 'predict' and shown.checkpoint.endswith('monkeypox_model.pkl') and len(shown.paths) == 1
     assert (shown.precision, shown.device, shown.workers, shown.extract_batch_size, shown.compile) == \
         ('fp32', 'cpu', 0, 3, 'never')
-    assert (shown.image_size, shown.resize, shown.std, shown.no_plot) == (112, 128, (0.25, 0.25, 0.25), True)
+    assert (shown.image_size, shown.resize, shown.std, shown.no_plot) == (96, 110, (0.25, 0.25, 0.25), True)
     assert loaders[-1]['views'] == ['eval'] and loaders[-1]['workers'] == 0  # predict's own pass
 
 
