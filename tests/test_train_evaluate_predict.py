@@ -99,7 +99,7 @@ def test_the_default_run_follows_the_constants_at_the_top(tmp_path):
     for old, new in (("EPOCHS = 15 ", "EPOCHS = 2 "), ("UNFREEZE = 0 ", "UNFREEZE = 1 "),
                      ("ARCH = 'resnet101'", "ARCH = 'resnet18'"), ("WEIGHTS = 'auto'", "WEIGHTS = 'none'"),
                      ("VIEWS = 2 ", "VIEWS = 1 "), ("WEIGHT_DECAY = 'auto'", "WEIGHT_DECAY = 0.3"),
-                     ("IMAGE_SIZE = 224 ", "IMAGE_SIZE = 112 "), ("RESIZE = 256 ", "RESIZE = 128 ")):
+                     ("IMAGE_SIZE = 224 ", "IMAGE_SIZE = 96 "), ("RESIZE = 256 ", "RESIZE = 110 ")):
         assert old in text
         text = text.replace(old, new)
     script.write_text(text)
