@@ -26,7 +26,7 @@ def torchrun(*args, timeout=600, **kwargs):
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp('dist') / 'data', per_class=16)
+    return make_dataset(tmp_path_factory.mktemp('dist') / 'data', per_class=10)
 
 
 @pytest.fixture(scope='module')
@@ -57,7 +57,8 @@ def test_two_processes_train_the_same_head_and_fine_tune_alike(runs):
         assert torch.allclose(a['model'][k].float(), b['model'][k].float(), atol=2e-3), k
     # each rank wrote its own cache packs, and together they hold every feature once
     keys = [k for p in (two / 'cache').rglob('pack-*.pt') for k in torch.load(p, weights_only=True)['keys']]
-    assert len(keys) == len(set(keys)) == 24 * 2 + 8  # 24 training photos x 2 views + 8 validation photos
+    split = b['split']
+    assert len(keys) == len(set(keys)) == len(split['train']) * 2 + len(split['val'])  # 2 views + the validation photos
 
 
 def test_a_two_process_checkpoint_loads_in_one(data, runs):
