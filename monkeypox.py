@@ -60,7 +60,7 @@ PREVALENCE = 0.0            # --prevalence: share of the screened class where th
 
 # System
 DEVICE = 'auto'             # --device: cuda when present, else cpu
-PRECISION = 'auto'          # --precision: auto = int8 (frozen CNN, x86 CPU, when it pays), else bf16 if fast, else fp32
+PRECISION = 'auto'          # --precision: auto = the fastest of int8, bf16, fp32 that answers as fp32 does (docs)
 CALIBRATION_PHOTOS = 16     # --set: int8: training photos (the first by sha256) whose crops set the activation ranges
 WORKERS = -1                # --workers: image decoding processes beside the backbone pass (-1: auto, see decode_workers)
 EXTRACT_BATCH_SIZE = 16     # --extract-batch-size: crops per backbone pass (docs/speed.md)

@@ -81,7 +81,7 @@ def search_weight_decay(run, grid=HEAD_GRID):
 def choose_weight_decay(loss, se):
     """Index of the lambda with the lowest mean out-of-fold log loss: the usual rule for a ridge-penalised
     classifier (scikit-learn's LogisticRegressionCV). `se`, the folds' standard errors, is kept for the
-    report; a one-standard-error rule toward the stronger penalty chose less well on held-out folds (docs)."""
+    report; a one-standard-error rule toward the stronger penalty did no better on held-out folds (docs)."""
     return min(range(len(loss)), key=loss.__getitem__)
 
 
