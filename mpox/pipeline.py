@@ -1,6 +1,7 @@
 """The steps the commands share: preparing the photos and their features (train, cv), the report (evaluate,
 cv), loading a model to score with (evaluate, predict)."""
 
+import argparse
 import dataclasses
 import json
 import os
@@ -147,7 +148,9 @@ def download_if_missing(cfg):
             f'downloaded into it first. License: CC BY-NC 4.0, non-commercial use only, with attribution. '
             f'Cite: {DATASET_CITATION}. ({DATASET_URL}; --no-download turns this off)')
         try:
-            download_dataset(cfg.data, cfg.archive_url, cfg, force=False,
+            # the archive's own names (MSLD's P13_1.jpg) group its split; --patients is for the training that follows
+            layout = argparse.Namespace(**{**vars(cfg), 'patients': 'auto'})
+            download_dataset(cfg.data, cfg.archive_url, layout, force=False,
                              fix='pass --archive-url PATH (or `download --url PATH`) with a copy of the archive, or '
                                  '--data DIR with photos of your own')
         except UserError as e:
