@@ -102,7 +102,7 @@ from mpox.images import report_skipped
 from mpox.int8 import calibration_patients
 from mpox.metrics import aggregate, calibration, decide, metrics, operating_threshold, print_cv, print_metrics
 from mpox.model import freeze, new_head
-from mpox.onnxfile import onnx_graph, onnx_metadata, onnx_modules, onnx_parity
+from mpox.onnxfile import OOD_PARITY, onnx_graph, onnx_metadata, onnx_modules, onnx_parity
 from mpox.ood import predictive_values
 from mpox.patients import write_folds
 from mpox.pipeline import (answer, answer_line, check_prevalence, checkpoint_probabilities, cv_prevalences, load_model,
@@ -328,10 +328,13 @@ def export(cfg):
     onnx.helper.set_model_props(model, onnx_metadata(loaded, cfg.checkpoint))
     onnx.checker.check_model(model)
     data = model.SerializeToString()
-    worst, what, own_gap = onnx_parity(loaded, ort.InferenceSession(data, providers=['CPUExecutionProvider']), cfg)
+    worst, what, own_gap, score_gap = onnx_parity(loaded, ort.InferenceSession(data, providers=['CPUExecutionProvider']), cfg)
     if worst > 1e-4:
         raise UserError(f'{out} not written: onnxruntime\'s probabilities differ from PyTorch\'s by up to {worst:.2g} '
                         f'on {what} (the limit is 1e-4); try another --opset, or report it with --debug')
+    if score_gap is not None and score_gap > OOD_PARITY:
+        raise UserError(f'{out} not written: onnxruntime\'s out-of-distribution score differs from PyTorch\'s by '
+                        f'{score_gap:.2g} on {what} (the limit is {OOD_PARITY:g}); report it with --debug')
     if own_gap is not None and own_gap > FIDELITY_LIMITS['max']:
         raise UserError(f'{unlike_fp32} (by up to {own_gap:.2g} on {what}); retrain with --precision auto or fp32')
     atomic_write(out, lambda f: f.write(data))
@@ -404,9 +407,9 @@ def build_parser():
     settable = flag(general, '--set', metavar='NAME=VALUE', action='append', default=[], run_only=True)
     common = argparse.ArgumentParser(add_help=False, parents=[general])  # every command that runs a model
     flag(common, '--device', device_name, 'auto, cpu, cuda or cuda:N')
-    flag(common, '--precision', help='backbone arithmetic; auto = the fastest of int8 (a frozen CNN on an x86 CPU, '
-         'when the crops repay it), bf16 (where the hardware is fast at it) and fp32 that reproduces fp32\'s answers '
-         'for the fitted head', choices=('auto', 'fp32', 'bf16', 'int8'))
+    flag(common, '--precision', help='backbone arithmetic; auto: in train and cv the fastest of int8 (a frozen CNN on '
+         'an x86 CPU, when the crops repay it), bf16 (where the hardware is fast at it) and fp32 that answers as fp32 '
+         'does for the fitted head; in evaluate and predict the checkpoint\'s own', choices=('auto', 'fp32', 'bf16', 'int8'))
     flag(common, '--workers', worker_count, 'image decoding processes (-1: auto)', run_only=True)
     flag(common, '--extract-batch-size', positive_int, 'crops per backbone pass', run_only=True)
     flag(common, '--compile', help='torch.compile the backbone for extraction (auto: when enough crops make it pay)',

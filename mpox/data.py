@@ -236,7 +236,8 @@ def grouped_split(photos, val_fraction, seed):
     """(train, val): per class, whole patients in seeded random order go to validation until it holds
     val_fraction of that class's photos."""
     rng, in_val, placed = random.Random(seed), [False] * len(photos), {}
-    for order in patients_by_class(photos):
+    by_class, groups = patients_by_class(photos), patient_groups(photos)
+    for order in by_class:
         rng.shuffle(order)
         target, taken = round(val_fraction * sum(len(idx) for _, idx in order)), 0
         for k, (group, idx) in enumerate(order):  # a patient met in an earlier class keeps that class's side
@@ -244,10 +245,10 @@ def grouped_split(photos, val_fraction, seed):
             taken += len(idx) if held else 0
             for i in idx:
                 in_val[i] = held
-    for order in patients_by_class(photos):  # a class whose patients all went with other classes' to validation
+    for order in by_class:  # a class whose patients all went to validation with other classes' photos
         if all(in_val[i] for _, idx in order for i in idx):
             group = min(order, key=lambda g: len(g[1]))[0]  # its smallest patient trains, in every class
-            for i, g in enumerate(patient_groups(photos)):
+            for i, g in enumerate(groups):
                 in_val[i] = in_val[i] and g != group
     return ([p for p, v in zip(photos, in_val) if not v], [p for p, v in zip(photos, in_val) if v])
 

@@ -38,11 +38,10 @@ class Extractor:
     """Runs photos through the frozen backbone, once per (photo, view), reading and filling the cache.
     The model is built only when something is missing from the cache: a warm run never builds it."""
 
-    def __init__(self, cfg, classes, spec, precision=None, calibration=(), crops=0, model=None):
+    def __init__(self, cfg, classes, spec, precision=None, calibration=(), model=None):
         self.cfg, self.classes, self.spec = cfg, classes, spec
         self.device = resolve_device(cfg.device)
-        self.precision = precision or resolve_precision(cfg.precision, self.device, None if cfg.unfreeze else cfg.arch,
-                                                        crops)
+        self.precision = precision or resolve_precision(cfg.precision, self.device, None if cfg.unfreeze else cfg.arch)
         self.dtype = torch.bfloat16 if self.precision == 'bf16' else torch.float32  # of the stored features
         self.pre = preprocessing(cfg)
         self.about = {'arch': cfg.arch, 'weights': spec.name, 'weights_id': spec.ident,

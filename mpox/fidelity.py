@@ -38,13 +38,14 @@ def check_fidelity(cfg, extractor, train, positive):
     run = fitted_head(cfg, extractor, train, positive)
     with torch.no_grad():
         change = (run.model(fast.x[:, 0].float()) - run.model(ref.x[:, 0].float())).double()
-    unseen = run.oof_logits if run.oof_logits is not None else run.model(train.x.flatten(0, 1).float()).double()
+        unseen = run.oof_logits if run.oof_logits is not None else run.model(train.x.flatten(0, 1).float()).double()
     before = unseen.softmax(1)[:, None]                             # [photos, 1, classes]
     after = (unseen[:, None] + change[None]).softmax(2)             # [photos, check photos, classes]
     moved = (after - before).abs().amax(2).flatten()
     threshold = run.best['threshold']
-    flips = [a != b for a, b in zip(decide(after.flatten(0, 1).tolist(), positive, threshold),
-                                    decide(before.expand_as(after).flatten(0, 1).tolist(), positive, threshold))]
+    decided = decide(before[:, 0].tolist(), positive, threshold)  # each unseen photo's decision, once
+    flips = [a != decided[i // len(change)] for i, a in enumerate(decide(after.flatten(0, 1).tolist(), positive,
+                                                                           threshold))]
     result = {'precision': extractor.precision, 'photos': len(change), 'median': float(moved.median()),
               'max': float(moved.max()), 'flips': float(np.mean(flips)),
               'limits': dict(FIDELITY_LIMITS)}

@@ -70,18 +70,17 @@ def search_weight_decay(run, grid=HEAD_GRID):
             loss[k, j] = F.cross_entropy(logits, y[out].repeat_interleave(views))
             oof[j, out] = logits.unflatten(0, (-1, views))
     mean, se = loss.mean(0), loss.std(0) / math.sqrt(len(used))
-    choice = choose_weight_decay(mean.tolist(), se.tolist())
-    search = {'grid': list(grid), 'loss': mean.tolist(), 'se': se.tolist(), 'best': grid[int(mean.argmin())],
-              'choice': grid[choice], 'rule': HEAD_RULE, 'folds': len(used), 'oof_logits': oof[choice].tolist()}
+    choice = choose_weight_decay(mean.tolist())
+    search = {'grid': list(grid), 'loss': mean.tolist(), 'se': se.tolist(), 'choice': grid[choice], 'rule': HEAD_RULE, 'folds': len(used), 'oof_logits': oof[choice].tolist()}
     if path and is_main():
         atomic_write(path, lambda f: f.write(json.dumps(search).encode()))
     return search
 
 
-def choose_weight_decay(loss, se):
+def choose_weight_decay(loss):
     """Index of the lambda with the lowest mean out-of-fold log loss: the usual rule for a ridge-penalised
-    classifier (scikit-learn's LogisticRegressionCV). `se`, the folds' standard errors, is kept for the
-    report; a one-standard-error rule toward the stronger penalty did no better on held-out folds (docs)."""
+    classifier (scikit-learn's LogisticRegressionCV); a one-standard-error rule toward the stronger penalty
+    did no better on held-out folds (docs/results.md)."""
     return min(range(len(loss)), key=loss.__getitem__)
 
 

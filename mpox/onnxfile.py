@@ -38,6 +38,10 @@ def onnx_modules():
     return onnx, onnxruntime
 
 
+OOD_PARITY = 1e-2  # runtimes' out-of-distribution scores agree within this (a distance: sqrt(2 - 2 cos) near 0
+# magnifies a float's rounding; the threshold on MSLD is near 0.8)
+
+
 class Exported(nn.Module):
     """What the ONNX file computes from normalised images: the class probabilities and, for a model with an
     out-of-distribution detector, each photo's score (its features' distance to the training photos')."""
@@ -104,7 +108,8 @@ def onnx_metadata(loaded, checkpoint):
 def onnx_parity(loaded, session, cfg):
     """The largest difference between onnxruntime's and PyTorch's fp32 probabilities, and on what: the --check
     photos, else the checkpoint's validation photos still on disk, else synthetic crops. For a checkpoint
-    trained on bf16 or int8 features, also the largest difference from the probabilities predict computes."""
+    trained on bf16 or int8 features, also the largest difference from the probabilities predict computes
+    (else None); with a detector, the largest difference of the out-of-distribution score (else None)."""
     split = loaded.ckpt.get('split') or {}
     paths = cfg.check or [p for p in (os.path.join(split.get('root', ''), r) for r in split.get('val', [])[:16])
                           if os.path.isfile(p)]
@@ -116,9 +121,11 @@ def onnx_parity(loaded, session, cfg):
 
     classes = len(loaded.classes)
 
-    def gap(x):  # the runtimes' probabilities on the same crops, decoded once (not the out-of-distribution score)
-        p = ort(x)[:, :classes]
-        return torch.stack([(fn(x)[:, :classes] - p).abs().amax(1) for fn in torch_runs], 1)
+    def gap(x):  # the runtimes on the same crops, decoded once: probabilities, then the out-of-distribution score
+        theirs, ours = ort(x), [fn(x) for fn in torch_runs]
+        gaps = [(mine[:, :classes] - theirs[:, :classes]).abs().amax(1) for mine in ours]
+        scores = [(ours[0][:, classes] - theirs[:, classes]).abs()] if loaded.ood else []
+        return torch.stack(gaps + scores, 1)
     if paths:
         single = argparse.Namespace(**{**vars(cfg), 'workers': 0, 'device': 'cpu'})
         rows, failed = score_photos(gap, [Photo(p, -1, '') for p in paths], single, cpu, loaded.pre, 'check')
@@ -130,7 +137,8 @@ def onnx_parity(loaded, session, cfg):
         x = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             worst, what = gap(x).amax(0).tolist(), '8 synthetic crops'
-    return worst[0], what, worst[1] if len(worst) > 1 else None
+    own = worst[1] if len(torch_runs) > 1 else None
+    return worst[0], what, own, worst[-1] if loaded.ood else None
 
 
 def onnx_classifier(session, pre):

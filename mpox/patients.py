@@ -117,18 +117,17 @@ def check_grouping(photos, classes, spec, least, need):
         largest = max(patients, key=lambda group: len(group[1]))[1]
         key, size = photos[largest[0]].patient, len(largest)
         if size > SHARE_OF_ONE_PATIENT * count and size > MOST_PHOTOS_OF_ONE_PATIENT:
-            problem = (f'class {classes[label]!r}: {size} of its {count} photos are one patient ({key!r}) by '
-                       f'{describe(spec)}')
+            problem, fix = (f'class {classes[label]!r}: {size} of its {count} photos are one patient ({key!r}) by '
+                            f'{describe(spec)}'), FIX
         elif len(patients) < least:
             problem = (f'class {classes[label]!r} has {len(patients)} patient(s) by {describe(spec)} (the largest, '
                        f'{key!r}, has {size} photos), and {need} needs {least}')
-            if spec == 'auto':
-                raise UserError(f'{problem}; add photos of more patients, or {FIX}' +
-                                ('; or pass --weight-decay NUMBER (e.g. 1)' if need == '--weight-decay auto' else ''))
+            fix = f'add photos of more patients, or {FIX}'
+            fix += '; or pass --weight-decay NUMBER (e.g. 1)' if need == '--weight-decay auto' else ''
         else:
             continue
         if spec == 'auto':
-            raise UserError(f'{problem}; {FIX}')
+            raise UserError(f'{problem}; {fix}')
         warn(problem)
 
 

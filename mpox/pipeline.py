@@ -92,9 +92,9 @@ def prepare(cfg, every_photo=False):
 
 
 def fit_detector(cfg, extractor, split):
-    """The out-of-distribution detector of the training photos' centre crops (the view predict scores: one
-    pass more over the training photos, cached like the others), its threshold set on photos held out by
-    patient. None when there are too few patients for the inner folds."""
+    """The out-of-distribution detector of the training photos' centre crops (the view predict scores, which
+    extract_features computed with the training views), its threshold set on photos held out by patient. None
+    when there are too few patients for the inner folds."""
     if cfg.unfreeze:  # fine-tuning moves the features the detector would be fit on
         say('out of distribution: no detector with --unfreeze (fine-tuning changes the features it reads)')
         return None
@@ -114,7 +114,10 @@ def extract_features(cfg, extractor, split, every_photo, what):
     """The stored random views of the training photos and the evaluation view of the validation photos (cv:
     of every photo), from the cache where it has them; unreadable photos are reported and dropped."""
     t0 = time.time()
-    train_f, bad = extractor.features(split.train, [f'train{k}' for k in range(cfg.views)])
+    views = [f'train{k}' for k in range(cfg.views)]
+    centre = [] if every_photo or cfg.unfreeze else [EVAL_VIEW]  # the detector's view, in the same decoding pass
+    both, bad = extractor.features(split.train, views + centre)
+    train_f = Features(both.photos, both.x[:, :cfg.views], both.y)
     val_f, bad_val = extractor.features(train_f.photos if every_photo else split.val, [EVAL_VIEW])
     if bad + bad_val:
         report_skipped(bad + bad_val, listed_in='' if every_photo else 'the checkpoint (split.skipped)')
