@@ -10,13 +10,15 @@ stored features. A research and teaching tool for datasets of photos: it is not 
     python monkeypox.py evaluate            # metrics on photos the model never saw
     python monkeypox.py predict photo.jpg   # one line per photo, and a plot
     python monkeypox.py export              # the model as one ONNX file, for runtimes outside PyTorch
+    python monkeypox.py serve               # a web page and a JSON API on the model, at http://127.0.0.1:8000/
 
 Each command below is a short story; the machinery it calls lives in the package mpox/ beside this file,
 one module per concern: data (photos, patients, splits), images (decoding, crops), model (backbones and
 weights), devices, precision and int8 (the backbone's arithmetic), inference (the one scoring loop),
 features (extraction and its cache), fidelity (which arithmetic is faithful), head (the penalised
 regression), training (a run: head, fine-tuning, best epoch), metrics, checkpoint, onnxfile, plots,
-gradcam, download, pipeline (the steps commands share), files and system (messages, errors, ranks).
+gradcam, download, pipeline (the steps commands share), serve (the web page and API), files and system
+(messages, errors, ranks).
 """
 # ================================================================================================
 # Settings: edit them here, or override any of them with the flag named in its comment (those marked
@@ -41,6 +43,7 @@ WEIGHT_DECAY = 'auto'       # --weight-decay: L2 penalty of the head on standard
 SEED = 0                    # --seed: validation split, fine-tuning's shuffling, random weights of --weights none
 VAL_FRACTION = 0.2          # --val-fraction: share of a flat dataset held out for the report, whole patients at a time
 PATIENTS = 'auto'           # --patients: auto (from file names, checked), none, re:REGEX, or a CSV file (path,patient)
+NEAR_DUPLICATES = 'on'      # --near-duplicates: copies of a photo (turned, cropped, recoloured, renamed) join its patient
 
 # Fine-tuning (the frozen head is fit to convergence; these shape the stages that --unfreeze trains)
 UNFREEZE = 0                # --unfreeze: last backbone stages fine-tuned after the head (0 = frozen backbone)
@@ -67,6 +70,11 @@ EXTRACT_BATCH_SIZE = 16     # --extract-batch-size: crops per backbone pass (doc
 COMPILE = 'auto'            # --compile: torch.compile the backbone for extraction: auto (when it pays), always, never
 DIST_TIMEOUT = 300          # --dist-timeout: seconds a torchrun rank waits for the others before failing (a rank died)
 CHECKPOINT_SECONDS = 5.0    # --checkpoint-seconds: a better epoch is written at once, but at most this often
+
+# Serving (`serve`: the web page and JSON API)
+HOST = '127.0.0.1'          # --host: the address served; another lets other machines in, and the page has no login
+PORT = 8000                 # --port: the TCP port served (0: any free one, printed)
+MAX_UPLOAD_MB = 20          # --max-upload-mb: a larger upload is refused (413) before it is read
 
 # Preprocessing (ImageNet's, which the pretrained backbones expect)
 IMAGE_SIZE = 224            # --set: side of the square crop the backbone sees
@@ -104,10 +112,11 @@ from mpox.metrics import aggregate, calibration, decide, metrics, operating_thre
 from mpox.model import freeze, new_head
 from mpox.onnxfile import OOD_PARITY, onnx_graph, onnx_metadata, onnx_modules, onnx_parity
 from mpox.ood import predictive_values
-from mpox.patients import write_folds
+from mpox.patients import training_copies, write_folds
 from mpox.pipeline import (answer, answer_line, check_prevalence, checkpoint_probabilities, cv_prevalences, load_model,
                            ood_report, prepare, report)
 from mpox.plots import plot_curves, plot_predictions, plot_sheet
+from mpox.serve import Scorer, listen, serve_forever
 from mpox.system import (NOT_A_DIAGNOSIS, UserError, first_line, init_distributed, is_lost_peer, is_main,
                          messages_to_stderr, process_state, quiet, say, warn)
 from mpox.training import Run, fit
@@ -244,15 +253,16 @@ def evaluate(cfg):
         raise UserError(f'--ood: {cfg.checkpoint} has no out-of-distribution detector to measure; drop --ood')
     probs, scores, failures = checkpoint_probabilities(loaded, photos, cfg, 'evaluate')
     report_skipped(failures)
+    out = cfg.out or os.path.dirname(os.path.abspath(cfg.checkpoint))
+    copies = training_copies(loaded.ckpt.get('copies'), photos, cfg.data, out, cfg.checkpoint)
     scored = [i for i in range(len(photos)) if i in probs]
     labels, p = [photos[i].label for i in scored], [probs[i] for i in scored]
     m = metrics(labels, p, loaded.classes, loaded.positive, operating_threshold(cfg, loaded))
-    m.update(images=what, checkpoint=cfg.checkpoint, skipped=failures)
+    m.update(images=what, checkpoint=cfg.checkpoint, skipped=failures, copies_of_training=copies)
     if scores is not None:
         m['ood'] = ood_report(loaded, cfg, [scores[i] for i in scored])
     if cfg.prevalence:
         m.update(predictive_values(m, cfg.prevalence))
-    out = cfg.out or os.path.dirname(os.path.abspath(cfg.checkpoint))
     report(cfg, m, m, labels, p, out, f'{os.path.basename(os.path.normpath(cfg.data))}: {m["n"]} photos',
            lambda r: print_metrics(r, f'evaluated {what}\ncheckpoint {cfg.checkpoint} ({loaded.ckpt["arch"]}, epoch '
                                       f'{loaded.ckpt.get("epoch")})'))
@@ -346,6 +356,15 @@ def export(cfg):
     return out
 
 
+def serve(cfg):
+    """A web page and a JSON API on one model, loaded once (docs/serve.md): each uploaded photo is scored in
+    memory as predict scores a file, and answered as predict --json answers. Runs until Ctrl-C or SIGTERM."""
+    sock = listen(cfg.host, cfg.port)  # a port in use is said before the model loads
+    loaded = load_model(cfg.checkpoint, cfg)
+    check_prevalence(cfg, loaded)
+    serve_forever(Scorer(loaded, cfg), cfg, sock)
+
+
 
 # ================================================================================================
 # CLI and main
@@ -431,6 +450,10 @@ def build_parser():
     flag(training, '--val-fraction', fraction, 'validation share of a flat dataset, whole patients at a time (0: none)')
     flag(training, '--patients', str, 'how photos group into patients: auto (file names, checked), none, re:REGEX '
          '(group 1 of a match on the file name) or a CSV file (path,patient)', metavar='P')
+    flag(training, '--near-duplicates', help='on: copies of a photo under any name (turned, mirrored, cropped, '
+         'recoloured, re-encoded) join its patient and are listed in OUT/near_duplicates.csv', choices=('on', 'off'))
+    flag(training, '--sheet', help='also write OUT/near_duplicates.png: the copies found, side by side',
+         action='store_true', run_only=True)
     flag(training, '--crop-scale', open_fraction, 'smallest share of the photo a training crop keeps')
     flag(training, '--views', positive_int, 'random training crops per photo')
     flag(training, '--out', str, 'folder for checkpoint, class map, summary, curves and cache',
@@ -497,6 +520,8 @@ def build_parser():
     p.add_argument('--force', action='store_true', help='replace a non-empty --dest')
     flag(p, '--seed', int, 'the patient-grouped split')
     flag(p, '--patients', str, 'how photos group into patients (as train\'s --patients)', metavar='P')
+    flag(p, '--near-duplicates', help='on: copies of a photo under any name stay on its side (as train\'s)',
+         choices=('on', 'off'))
     p = command('export', [general], 'the model as one ONNX file, for runtimes outside PyTorch')
     flag(p, '--checkpoint', str, 'checkpoint written by train', metavar='FILE')
     flag(p, '--out', str, 'the .onnx file (empty: the checkpoint\'s path, ending .onnx)', default='', metavar='FILE')
@@ -505,6 +530,12 @@ def build_parser():
                    help='photos to compare onnxruntime with PyTorch on (none: the checkpoint\'s validation photos)')
     p = command('cv', [training, common, output, screening], 'cross-validation by patient: the accuracy to quote')
     flag(p, '--folds', fold_count, 'folds, whole patients at a time')
+    p = command('serve', [checkpoint, common, screening], 'a web page and a JSON API on the model (docs/serve.md)')
+    flag(p, '--host', str, 'address to serve on; another than 127.0.0.1 lets other machines in, without a login',
+         metavar='ADDR')
+    flag(p, '--port', checked(int, lambda v: 0 <= v <= 65535, 'must be 0 to 65535', 'port'), 'TCP port (0: any free '
+         'one)', metavar='N')
+    flag(p, '--max-upload-mb', positive_float, 'a larger upload is refused (413)', metavar='MB')
     flags = {a.dest for p in parser.commands.values() for a in p._actions}
     parser.unflagged = [name for name in SETTINGS if setting(name) not in flags]
     settable.help = f'set any setting by its name; those without a flag of their own: {", ".join(parser.unflagged)}'
@@ -586,7 +617,7 @@ def apply_settings(cfg, parser):
 
 
 COMMANDS = {'run': run_default, 'train': train, 'evaluate': evaluate, 'predict': predict, 'cv': cv,
-            'download': download, 'export': export}
+            'download': download, 'export': export, 'serve': serve}
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from .data import positive_index
+from .data import dataset_license, positive_index
 from .files import atomic_write, safe_torch_load
 from .images import preprocessing
 from .model import CHECKPOINT_FORMAT, WeightsMismatch, build_model, construct, guess_arch, head_name
@@ -38,13 +38,23 @@ def checkpoint_meta(cfg, prep):
                                                           'id': prep.spec.ident},
             'config': dict(vars(cfg)), 'precision': prep.extractor.precision, 'int8': prep.extractor.int8_calibration(),
             'fidelity': prep.fidelity, 'ood': prep.ood, 'trained_prevalence': trained_prevalence(split, positive),
+            'copies': training_signatures(prep),
             'split': {'root': os.path.abspath(split.root), 'how': split.how, 'seed': cfg.seed, 'grouping': split.grouping,
-                      'val_fraction': cfg.val_fraction, 'skipped': split.skipped,
+                      'val_fraction': cfg.val_fraction, 'skipped': split.skipped, 'license': dataset_license(split.root),
                       **{part: [os.path.relpath(p.path, split.root) for p in getattr(split, part)]
                          for part in ('train', 'val')}},
             'versions': {'torch': str(torch.__version__), 'torchvision': torchvision.__version__,
                          'python': sys.version.split()[0]},
             'fingerprint': fingerprint(cfg, split, prep.spec)}
+
+
+def training_signatures(prep):
+    """The training photos' near-duplicate signatures, by path relative to the data folder, for evaluate to
+    find copies of them (about 20 KB a photo); None when the search was off."""
+    if prep.copies is None:
+        return None
+    return [{'path': os.path.relpath(p.path, prep.split.root), **prep.copies[p.path].stored(mirror=False)}
+            for p in prep.split.train if prep.copies[p.path] is not None]
 
 
 def fingerprint(cfg, split, spec):

@@ -22,6 +22,7 @@ class Photo:
     label: int   # index into the class list
     sha: str     # sha256 of the bytes: the photo's identity in the feature cache and the split
     patient: str = ''  # who the photo is of (patients.assign_patients); '' : by its file name (group_key)
+    copies: int = None  # its group of near-duplicate copies (patients.join_near_duplicates); None: none found
 
 
 @dataclasses.dataclass
@@ -189,8 +190,8 @@ def group_key(path):
 
 
 def patient_groups(photos):
-    """Group id per photo: same group key, or byte-identical files of one class (a duplicate under two
-    names is still one photo and must not straddle a split)."""
+    """Group id per photo: same group key, byte-identical files of one class, or near-duplicate copies (a
+    photo under two names, or cropped and turned, is still one photo and must not straddle a split)."""
     parent = list(range(len(photos)))
 
     def find(i):
@@ -201,7 +202,8 @@ def patient_groups(photos):
 
     first = {}
     for i, p in enumerate(photos):
-        for key in (('patient', p.patient or '/'.join(group_key(p.path))), ('bytes', p.label, p.sha)):
+        keys = [('patient', p.patient or '/'.join(group_key(p.path))), ('bytes', p.label, p.sha)]
+        for key in keys + ([('copies', p.copies)] if p.copies is not None else []):
             j = first.setdefault(key, i)
             parent[find(i)] = find(j)
     return [find(i) for i in range(len(photos))]
@@ -251,6 +253,15 @@ def grouped_split(photos, val_fraction, seed):
             for i, g in enumerate(groups):
                 in_val[i] = in_val[i] and g != group
     return ([p for p, v in zip(photos, in_val) if not v], [p for p, v in zip(photos, in_val) if v])
+
+
+def dataset_license(root):
+    """The license line of the LICENSE.txt in the data folder (`download` writes one), or None."""
+    try:
+        with open(os.path.join(root, 'LICENSE.txt'), encoding='utf-8') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.startswith('License:')), None)
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def positive_index(classes, positive):

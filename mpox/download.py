@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .data import DATASET_URL, grouped_split, read_photos
 from .images import is_image_file
-from .patients import assign_patients, check_grouping
+from .patients import assign_patients, check_grouping, join_near_duplicates
 from .system import UserError, first_line
 
 
@@ -78,6 +78,9 @@ def layout_dataset(src, out, cfg):
     classes, photos = read_photos(str(src))
     assign_patients(photos, str(src), cfg.patients)
     check_grouping(photos, classes, cfg.patients, 3, 'the train/ val/ test/ split')
+    out.mkdir(parents=True, exist_ok=True)
+    if join_near_duplicates(photos, str(src), cfg.near_duplicates, '', str(out / 'near_duplicates.csv'))[0]:
+        check_grouping(photos, classes, cfg.patients, 3, 'the train/ val/ test/ split')
     rest, test = grouped_split(photos, cfg.test_fraction, cfg.seed)
     train, val = grouped_split(rest, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
     rows = []

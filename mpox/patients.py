@@ -6,10 +6,12 @@ import io
 import os
 import posixpath
 import re
+import time
 
 from .data import group_key, patient_groups, patients_by_class
+from .duplicates import from_stored, joined_groups, load_signatures, near_duplicates, save_signatures, signatures
 from .files import atomic_write
-from .system import UserError, first_line, warn
+from .system import UserError, first_line, is_main, say, warn
 
 SHARE_OF_ONE_PATIENT = 1 / 3  # a class whose largest "patient" holds more than this share of its photos,
 MOST_PHOTOS_OF_ONE_PATIENT = 5  # and more photos than this, was grouped by a rule that does not fit its names
@@ -116,11 +118,14 @@ def check_grouping(photos, classes, spec, least, need):
         count = sum(len(idx) for _, idx in patients)
         largest = max(patients, key=lambda group: len(group[1]))[1]
         key, size = photos[largest[0]].patient, len(largest)
+        joined = len({photos[i].patient for i in largest})
+        how = describe(spec) + (f' and the near-duplicate copies that joined {joined} patients (near_duplicates.csv)'
+                                if joined > 1 else '')
         if size > SHARE_OF_ONE_PATIENT * count and size > MOST_PHOTOS_OF_ONE_PATIENT:
-            problem, fix = (f'class {classes[label]!r}: {size} of its {count} photos are one patient ({key!r}) by '
-                            f'{describe(spec)}'), FIX
+            problem = f'class {classes[label]!r}: {size} of its {count} photos are one patient ({key!r}) by {how}'
+            fix = FIX + ('; or --near-duplicates off' if joined > 1 else '')
         elif len(patients) < least:
-            problem = (f'class {classes[label]!r} has {len(patients)} patient(s) by {describe(spec)} (the largest, '
+            problem = (f'class {classes[label]!r} has {len(patients)} patient(s) by {how} (the largest, '
                        f'{key!r}, has {size} photos), and {need} needs {least}')
             fix = f'add photos of more patients, or {FIX}'
             fix += '; or pass --weight-decay NUMBER (e.g. 1)' if need == '--weight-decay auto' else ''
@@ -131,9 +136,98 @@ def check_grouping(photos, classes, spec, least, need):
         warn(problem)
 
 
+def join_near_duplicates(photos, root, search, cache, csv_path, part_of=None):
+    """Find near-duplicate copies among `photos` (mpox.duplicates) and mark each group of them (Photo.copies)
+    so that every split and fold keeps it together, with its patients (data.patient_groups). One line says
+    what was found; pairs in two classes (label conflicts) and, with train/ val/ test/ folders (`part_of`:
+    a photo's folder), training photos copied into another folder are warned about. `search`: 'on' or
+    'off' (--near-duplicates); `cache`: the feature cache folder ('': none). The pairs go to `csv_path`.
+    Returns the pairs and the signatures (None when the search is off)."""
+    if search == 'off':
+        warn('--near-duplicates off: copies of a photo under other names are not looked for, and may land on both '
+             'sides of a split, which flatters its results')
+        return [], None
+    t0, stored = time.time(), load_signatures(cache)
+    sigs = signatures(photos, stored)
+    if is_main():
+        save_signatures(cache, stored)
+    pairs = near_duplicates(sigs)
+    before = len(set(patient_groups(photos)))
+    for k, group in enumerate(joined_groups(len(photos), pairs)):
+        for i in group:
+            photos[i].copies = k
+    groups = collections.Counter(patient_groups(photos))
+    notes = [pair_note(photos[a], photos[b], part_of) for a, b, *_ in pairs]
+    say(f'near-duplicates: {len(pairs)} pairs of copies among {len(photos)} photos ({time.time() - t0:.1f}s); '
+        f'{before - len(groups)} patient(s) joined to another, the largest patient now {max(groups.values())} photos '
+        f'({csv_path})')
+    conflicts = [(a, b) for (a, b, *_), note in zip(pairs, notes) if 'label conflict' in note]
+    if conflicts:
+        a, b = conflicts[0]
+        warn(f'{len(conflicts)} near-duplicate pair(s) are in two classes (label conflicts, e.g. {photos[a].path} and '
+             f'{photos[b].path}): each pair is kept in one fold and on one side of every split; check their labels')
+    leaks = {i for (a, b, *_), note in zip(pairs, notes) if 'copy of a training photo' in note
+             for i in (a, b) if part_of[photos[i].path] != 'train'}
+    if leaks:
+        held = sum(part != 'train' for part in part_of.values())
+        warn(f'leakage: {len(leaks)} of the {held} photos in val/ and test/ copy a training photo (pairs in '
+             f'{csv_path}): results on them flatter the model; move or remove the copies')
+    if is_main():
+        write_pairs(csv_path, photos, pairs, notes, root)
+    return pairs, sigs
+
+
+def training_copies(stored, photos, root, out, checkpoint):
+    """evaluate's check: the photos that copy one the checkpoint was trained on (`stored`: its training
+    photos' signatures), said in one line and listed in OUT/copies_of_training.csv. Returns their count
+    (None when the checkpoint keeps no signatures)."""
+    if not stored:
+        say(f'note: {checkpoint} keeps no signatures of its training photos, so copies of them among these photos '
+            'are not looked for')
+        return None
+    pairs = near_duplicates(signatures(photos), [from_stored(d) for d in stored])
+    copied = sorted({q for q, *_ in pairs})
+    csv_path = os.path.join(out, 'copies_of_training.csv')
+    if copied:
+        warn(f'{len(copied)} of the {len(photos)} photos evaluated copy a photo the model was trained on (pairs in '
+             f'{csv_path}): the metrics below count them as unseen, which flatters them')
+    else:
+        say(f'near-duplicates: none of the {len(photos)} photos evaluated copies a photo the model was trained on')
+    if is_main():
+        rows = [[os.path.relpath(photos[q].path, root), stored[r]['path'], m, f'{c:.3f}'] for q, r, m, c in pairs]
+        write_csv(csv_path, ['path', 'training_photo', 'matches', 'correlation'], rows)
+    return len(copied)
+
+
+def pair_note(a, b, part_of):
+    """What a near-duplicate pair means: a label conflict, a copy of a training photo in val/ or test/, or
+    (empty) copies that now share a patient."""
+    notes = ['label conflict'] if a.label != b.label else []
+    parts = {part_of[a.path], part_of[b.path]} if part_of else set()
+    if 'train' in parts and len(parts) == 2:
+        notes.append(f'copy of a training photo in {(parts - {"train"}).pop()}/')
+    return '; '.join(notes)
+
+
+def write_pairs(path, photos, pairs, notes, root):
+    """near_duplicates.csv: each pair's paths (relative to --data) and patients, the keypoint matches and
+    the correlation that confirmed it, and what it means."""
+    rows = [[os.path.relpath(photos[a].path, root), photos[a].patient, os.path.relpath(photos[b].path, root),
+             photos[b].patient, matches, f'{corr:.3f}', note] for (a, b, matches, corr), note in zip(pairs, notes)]
+    write_csv(path, ['path_a', 'patient_a', 'path_b', 'patient_b', 'matches', 'correlation', 'note'], rows)
+
+
+def write_csv(path, header, rows):
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerows([header, *rows])
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
 def grouping(photos, spec):
     """What a checkpoint and cv --json record of the grouping used: the spec, the groups the splits use, the
-    largest, and how many patients were joined to another by byte-identical photos."""
+    largest, and how many patients were joined to another by byte-identical photos or near-duplicates."""
     groups = collections.Counter(patient_groups(photos))
     return {'patients': spec, 'groups': len(groups), 'largest': max(groups.values(), default=0),
             'joined': len({p.patient for p in photos}) - len(groups)}
@@ -141,10 +235,6 @@ def grouping(photos, spec):
 
 def write_folds(path, photos, fold_of, root, classes):
     """folds.csv: path (relative to --data), class, patient, fold (1-based; empty: trains every fold)."""
-    text = io.StringIO()
-    w = csv.writer(text)
-    w.writerow(['path', 'class', 'patient', 'fold'])
-    for p in photos:
-        fold = fold_of.get(p.path)
-        w.writerow([os.path.relpath(p.path, root), classes[p.label], p.patient, '' if fold is None else fold + 1])
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    rows = [[os.path.relpath(p.path, root), classes[p.label], p.patient,
+             '' if fold_of.get(p.path) is None else fold_of[p.path] + 1] for p in photos]
+    write_csv(path, ['path', 'class', 'patient', 'fold'], rows)

@@ -24,8 +24,8 @@ from .metrics import decide, json_ready, roc_auc
 from .model import WeightsSpec, resolve_weights
 from .onnxfile import load_onnx, onnx_classifier
 from .ood import fit_ood, post_test_probability
-from .patients import assign_patients, check_grouping, grouping
-from .plots import plot_calibration, plot_confusion, plot_roc
+from .patients import assign_patients, check_grouping, grouping, join_near_duplicates
+from .plots import plot_calibration, plot_confusion, plot_pairs, plot_roc
 from .precision import scoring_precision
 from .system import NOT_A_DIAGNOSIS, UserError, gather, is_main, say, warn
 
@@ -41,6 +41,7 @@ class Prepared:
     val_features: 'Features'    # the evaluation view of the validation photos
     fidelity: list           # each faster arithmetic tried, checked against fp32 (check_fidelity), in order
     ood: dict = None         # the out-of-distribution detector of the training photos (train only)
+    copies: dict = None      # {path: duplicates.Signature} of every photo (None: --near-duplicates off)
 
 
 def prepare(cfg, every_photo=False):
@@ -49,7 +50,8 @@ def prepare(cfg, every_photo=False):
     the fastest arithmetic that reproduces fp32 for this network and head (fidelity.check_fidelity)."""
     download_if_missing(cfg)
     memo = load_memo(cfg.cache)
-    classes, parts = read_dataset(cfg.data, memo)
+    classes, parts = read_dataset(cfg.data, memo, parts=('train', 'val', 'test'))
+    test = parts.pop('test', [])  # searched for copies of training photos, never trained or validated on
     every = [p for part in parts.values() for p in part]
     assign_patients(every, cfg.data, cfg.patients)  # before any heavy work: a wrong grouping stops here
     grouped = every if every_photo else parts.get('all') or parts['train']
@@ -60,6 +62,14 @@ def prepare(cfg, every_photo=False):
     else:
         least, need = (2, '--weight-decay auto') if cfg.weight_decay == 'auto' else (1, 'training')
     check_grouping(grouped, classes, cfg.patients, least, need)
+    part_of = None if 'all' in parts else {p.path: part for part, photos in [*parts.items(), ('test', test)]
+                                           for p in photos}
+    pairs, signatures = join_near_duplicates(every + test, cfg.data, cfg.near_duplicates, cfg.cache,
+                                             os.path.join(cfg.out, 'near_duplicates.csv'), part_of)
+    if pairs:  # the groups the copies joined, checked as the names were
+        check_grouping(grouped, classes, cfg.patients, least, need)
+        if cfg.sheet and not cfg.no_plot and is_main():
+            say(f'plot: {plot_pairs(every + test, pairs, classes, os.path.join(cfg.out, "near_duplicates.png"))}')
     split, what = split_photos(cfg.data, classes, parts, cfg), cfg.data
     split.grouping = grouping(every, cfg.patients)
     if every_photo:
@@ -88,7 +98,8 @@ def prepare(cfg, every_photo=False):
             break
         remember_unfaithful(cfg, extractor, checks[-1])
     ood = None if every_photo else fit_detector(cfg, extractor, split)
-    return Prepared(split, what, spec, positive, extractor, train_f, val_f, checks, ood)
+    copies = signatures and {p.path: s for p, s in zip(every + test, signatures)}
+    return Prepared(split, what, spec, positive, extractor, train_f, val_f, checks, ood, copies)
 
 
 def fit_detector(cfg, extractor, split):
@@ -190,16 +201,23 @@ def checkpoint_probabilities(loaded, photos, cfg, desc):
     """Class probabilities of the photos by a loaded checkpoint, computed as its training computed them, or
     by an exported ONNX file, run by onnxruntime on the CPU: the same loop, another model. Returns
     ({index: probabilities}, {index: out-of-distribution score} or None without a detector, failures)."""
-    if loaded.session is not None:
-        device, fn = torch.device('cpu'), onnx_classifier(loaded.session, loaded.pre)
-    else:
-        device = resolve_device(cfg.device)
-        fn = classifier(loaded.model, device, scoring_precision(cfg, loaded, device), loaded.pre,
-                        qparams=loaded.qparams, ood=loaded.ood)
+    device, precision, fn = scoring_function(loaded, cfg)
     rows, failures = score_photos(fn, photos, cfg, device, loaded.pre, desc)
     if loaded.ood is None:
         return rows, None, failures
     return {i: r[:-1] for i, r in rows.items()}, {i: r[-1] for i, r in rows.items()}, failures
+
+
+def scoring_function(loaded, cfg):
+    """(device, precision, fn) that score a loaded model as its training scored: the checkpoint's backbone in its
+    scoring precision with its head and out-of-distribution detector (inference.classifier), or onnxruntime on
+    the CPU for an exported file."""
+    if loaded.session is not None:
+        return torch.device('cpu'), 'fp32', onnx_classifier(loaded.session, loaded.pre)
+    device = resolve_device(cfg.device)
+    precision = scoring_precision(cfg, loaded, device)
+    return device, precision, classifier(loaded.model, device, precision, loaded.pre, qparams=loaded.qparams,
+                                         ood=loaded.ood)
 
 
 def load_model(path, cfg):

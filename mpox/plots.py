@@ -172,3 +172,24 @@ def plot_sheet(rows, classes, path, pre, most=24):
                 spine.set_linewidth(4)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_pairs(photos, pairs, classes, path, most=24):
+    """near_duplicates.png: the near-duplicate pairs found, side by side (label conflicts first), each with
+    its keypoint matches and correlation; photos as stored, not as the model sees them."""
+    pairs = sorted(pairs, key=lambda q: (photos[q[0]].label == photos[q[1]].label, q[3]))[:most]
+    cols = 4  # pairs a row
+    fig, axes = new_figure((2 * 2 * cols, 2.5 * max(1, math.ceil(len(pairs) / cols))),
+                           max(1, math.ceil(len(pairs) / cols)), 2 * cols)
+    for ax in axes.flat:
+        ax.axis('off')
+    for k, (a, b, matches, corr) in enumerate(pairs):
+        conflict = photos[a].label != photos[b].label
+        for ax, i in zip(axes.flat[2 * k:2 * k + 2], (a, b)):
+            ax.imshow(load_rgb(photos[i].path, draft=256))
+            ax.set_title(f'{os.path.basename(photos[i].path)}\n{classes[photos[i].label]}', fontsize=7,
+                         color='red' if conflict else 'black')
+        axes.flat[2 * k].text(0, -0.02, f'{matches} matches, r={corr:.2f}', fontsize=6,
+                              transform=axes.flat[2 * k].transAxes, va='top')
+    fig.tight_layout()
+    return save_figure(fig, path)
