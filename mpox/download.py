@@ -72,14 +72,16 @@ def extract_rar(archive, out):
         raise UserError(f'{archive}: cannot read the RAR archive ({first_line(e)})') from e
 
 
-def layout_dataset(src, out, cfg):
-    """train/ val/ test/ by patient and class (test: TEST_FRACTION, val: VAL_FRACTION of all photos), a copy
-    of one test photo as test/test.jpg (TEST_IMAGE), SPLIT.csv and the dataset's license and citation."""
+def layout_dataset(src, out, cfg, cache=''):
+    """train/ val/ test/ by patient and class (test: TEST_FRACTION, val: VAL_FRACTION of all photos), near-duplicate
+    copies kept together (their signatures kept in the feature cache folder `cache`, for the training that
+    follows), a copy of one test photo as test/test.jpg (TEST_IMAGE), SPLIT.csv and the dataset's license and
+    citation."""
     classes, photos = read_photos(str(src))
     assign_patients(photos, str(src), cfg.patients)
     check_grouping(photos, classes, cfg.patients, 3, 'the train/ val/ test/ split')
     out.mkdir(parents=True, exist_ok=True)
-    if join_near_duplicates(photos, str(src), cfg.near_duplicates, '', str(out / 'near_duplicates.csv'))[0]:
+    if join_near_duplicates(photos, str(src), cfg.near_duplicates, cache, str(out / 'near_duplicates.csv'))[0]:
         check_grouping(photos, classes, cfg.patients, 3, 'the train/ val/ test/ split')
     rest, test = grouped_split(photos, cfg.test_fraction, cfg.seed)
     train, val = grouped_split(rest, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
@@ -104,10 +106,11 @@ def layout_dataset(src, out, cfg):
         f'test/test.jpg is a copy of test/{classes[test[0].label]}/{os.path.basename(test[0].path)}.\n')
 
 
-def download_dataset(dest, url, cfg, force, fix):
+def download_dataset(dest, url, cfg, force, fix, cache=''):
     """Fetch the authors' archive from `url`, verify it, and lay it out in `dest` (layout_dataset, with cfg's
     fractions and seed). Everything happens in a temporary folder beside `dest`, renamed into place at the
-    end: an interrupted or failed download leaves `dest` as it was. `fix`: what to do when offline."""
+    end: an interrupted or failed download leaves `dest` as it was. `fix`: what to do when offline; `cache`:
+    the feature cache folder that keeps the photos' near-duplicate signatures ('': none)."""
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
         raise UserError(f'{dest} exists and is not empty; pass --force to replace it, or choose --dest')
@@ -122,7 +125,7 @@ def download_dataset(dest, url, cfg, force, fix):
                             f'md5 {ARCHIVE_MD5}; the download is damaged or not the MSLD archive. Nothing was written '
                             f'to {dest}')
         extract_rar(archive, work / 'all')
-        layout_dataset(work / 'all', work / 'out', cfg)
+        layout_dataset(work / 'all', work / 'out', cfg, cache)
         if dest.exists():
             os.replace(dest, work / 'replaced')
         os.replace(work / 'out', dest)

@@ -31,8 +31,10 @@ THUMB = 96            # long side of the grey thumbnail the confirmation correla
 WORD_BITS = 12        # a visual word: 12 of a descriptor's 256 bits ...
 WORD_TABLES = 4       # ... in 4 fixed random choices of bits
 CANDIDATES = 3        # most similar photos by visual words that each photo is confirmed against
-MIN_INLIERS = 8       # keypoint matches the fitted transform must explain
-MIN_CORRELATION = 0.5  # grey-level correlation of the thumbnails at that transform
+MIN_INLIERS = 10      # keypoint matches the fitted transform must explain (chance lines up 8 on skin's texture)
+MIN_CORRELATION = 0.5  # grey-level correlation of the thumbnails at that transform (a photo published twice and
+FEW_INLIERS = 15      # reprocessed: 0.55 at 46 matches); with fewer matches than FEW_INLIERS the correlation
+FEW_CORRELATION = 0.8  # must reach FEW_CORRELATION (copies with 10-14 matches: 0.93 or more)
 MIN_OVERLAP = 0.3     # share of a photo's thumbnail the other must cover there
 CHUNK = 1024          # photos per matrix product of the candidate search
 
@@ -82,14 +84,14 @@ def save_signatures(folder, cache):
             torch_save({sha: s.stored() for sha, s in cache.items() if s is not None}, os.path.join(folder, CACHE_NAME))
 
 
-def cv2():
-    import cv2 as cv  # imported where used: only the search needs OpenCV
-    return cv
+def opencv():
+    import cv2  # imported where used: only the search needs OpenCV
+    return cv2
 
 
 def signature(path):
     """The photo's Signature; None when it cannot be read (the extraction reports those)."""
-    cv = cv2()
+    cv = opencv()
     try:
         grey = load_rgb(path, draft=SIDE).convert('L')
     except Exception:
@@ -126,8 +128,8 @@ def signatures(photos, cache=None):
 
 
 def word_vectors(sigs, mirrored):
-    """Each signature's visual words as an L2-normalised float32 row (square-rooted counts: a texture that
-    repeats counts less; the words of the mirror image too when `mirrored`), and the words' document counts."""
+    """Each signature's visual words as a float32 row of square-rooted counts (a texture that repeats counts
+    less; the words of the mirror image too when `mirrored`), and the words' document counts."""
     rng = np.random.default_rng(0)  # fixed: the same words in every run and every checkpoint
     choice = [rng.choice(256, WORD_BITS, replace=False) for _ in range(WORD_TABLES)]
     width, weights = 1 << WORD_BITS, 1 << np.arange(WORD_BITS)
@@ -169,7 +171,7 @@ def normalised(x):
 def confirm(a, b):
     """(keypoint matches, correlation) of `a`, or its mirror image, placed on `b` by the similarity transform
     that explains most of their matched keypoints; (0, 0.0) when none does."""
-    cv = cv2()
+    cv = opencv()
     best = (0, 0.0)
     for flip, (points, descriptors) in enumerate([(a.points, a.descriptors)] + ([a.mirror] if a.mirror else [])):
         if len(descriptors) < 4 or len(b.descriptors) < 4:
@@ -218,7 +220,12 @@ def near_duplicates(queries, references=None):
     with concurrent.futures.ThreadPoolExecutor(threads()) as pool:  # OpenCV releases the GIL
         confirmed = pool.map(lambda pair: confirm(q[pair[0]], r[pair[1]]), pairs)
     return [(qi[a], ri[b], matches, round(corr, 4)) for (a, b), (matches, corr) in zip(pairs, confirmed)
-            if matches >= MIN_INLIERS and corr >= MIN_CORRELATION]
+            if is_copy(matches, corr)]
+
+
+def is_copy(matches, corr):
+    """Whether a pair's keypoint matches and correlation (confirm) make it a copy (measured: docs/data.md)."""
+    return matches >= MIN_INLIERS and corr >= (FEW_CORRELATION if matches < FEW_INLIERS else MIN_CORRELATION)
 
 
 def threads():

@@ -11,7 +11,7 @@ import time
 from .data import group_key, patient_groups, patients_by_class
 from .duplicates import from_stored, joined_groups, load_signatures, near_duplicates, save_signatures, signatures
 from .files import atomic_write
-from .system import UserError, first_line, is_main, say, warn
+from .system import UserError, first_line, gather, is_main, say, warn
 
 SHARE_OF_ONE_PATIENT = 1 / 3  # a class whose largest "patient" holds more than this share of its photos,
 MOST_PHOTOS_OF_ONE_PATIENT = 5  # and more photos than this, was grouped by a rule that does not fit its names
@@ -138,29 +138,39 @@ def check_grouping(photos, classes, spec, least, need):
 
 def join_near_duplicates(photos, root, search, cache, csv_path, part_of=None):
     """Find near-duplicate copies among `photos` (mpox.duplicates) and mark each group of them (Photo.copies)
-    so that every split and fold keeps it together, with its patients (data.patient_groups). One line says
-    what was found; pairs in two classes (label conflicts) and, with train/ val/ test/ folders (`part_of`:
-    a photo's folder), training photos copied into another folder are warned about. `search`: 'on' or
-    'off' (--near-duplicates); `cache`: the feature cache folder ('': none). The pairs go to `csv_path`.
-    Returns the pairs and the signatures (None when the search is off)."""
+    so that every split and fold keeps it together, with its patients (data.patient_groups). `search`: 'on'
+    or 'off' (--near-duplicates); `cache`: the feature cache folder ('': none). Rank 0 searches, and every
+    rank joins its pairs. What was found is reported (report_copies) and the pairs go to `csv_path`.
+    Returns the pairs and, on rank 0, the signatures (None when the search is off)."""
     if search == 'off':
         warn('--near-duplicates off: copies of a photo under other names are not looked for, and may land on both '
              'sides of a split, which flatters its results')
         return [], None
-    t0, stored = time.time(), load_signatures(cache)
-    sigs = signatures(photos, stored)
+    t0, sigs, pairs = time.time(), None, None
     if is_main():
-        save_signatures(cache, stored)
-    pairs = near_duplicates(sigs)
+        stored = load_signatures(cache)
+        known = len(stored)
+        sigs = signatures(photos, stored)
+        if len(stored) > known:
+            save_signatures(cache, stored)
+        pairs = near_duplicates(sigs)
+    pairs = gather(pairs)[0]
     before = len(set(patient_groups(photos)))
     for k, group in enumerate(joined_groups(len(photos), pairs)):
         for i in group:
             photos[i].copies = k
     groups = collections.Counter(patient_groups(photos))
-    notes = [pair_note(photos[a], photos[b], part_of) for a, b, *_ in pairs]
     say(f'near-duplicates: {len(pairs)} pairs of copies among {len(photos)} photos ({time.time() - t0:.1f}s); '
         f'{before - len(groups)} patient(s) joined to another, the largest patient now {max(groups.values())} photos '
         f'({csv_path})')
+    report_copies(photos, pairs, root, csv_path, part_of)
+    return pairs, sigs
+
+
+def report_copies(photos, pairs, root, csv_path, part_of):
+    """Warn of the pairs in two classes (label conflicts) and, with train/ val/ test/ folders (`part_of`: a
+    photo's folder), of training photos copied into another folder; write every pair to `csv_path`."""
+    notes = [pair_note(photos[a], photos[b], part_of) for a, b, *_ in pairs]
     conflicts = [(a, b) for (a, b, *_), note in zip(pairs, notes) if 'label conflict' in note]
     if conflicts:
         a, b = conflicts[0]
@@ -174,7 +184,6 @@ def join_near_duplicates(photos, root, search, cache, csv_path, part_of=None):
              f'{csv_path}): results on them flatter the model; move or remove the copies')
     if is_main():
         write_pairs(csv_path, photos, pairs, notes, root)
-    return pairs, sigs
 
 
 def training_copies(stored, photos, root, out, checkpoint):

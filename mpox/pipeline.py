@@ -166,7 +166,7 @@ def download_if_missing(cfg):
             layout = argparse.Namespace(**{**vars(cfg), 'patients': 'auto'})
             download_dataset(cfg.data, cfg.archive_url, layout, force=False,
                              fix='pass --archive-url PATH (or `download --url PATH`) with a copy of the archive, or '
-                                 '--data DIR with photos of your own')
+                                 '--data DIR with photos of your own', cache=cfg.cache)
         except UserError as e:
             failure = str(e)
         else:

@@ -127,7 +127,7 @@ def test_an_archive_member_that_would_escape_the_destination_is_refused(tmp_path
 @pytest.mark.slow
 def test_on_a_fresh_machine_the_default_run_downloads_the_photos_trains_and_predicts(tmp_path, cli):
     need_shared(ARCHIVE)
-    r = cli('--archive-url', ARCHIVE, '--arch', 'resnet18', '--weights', 'none', '--views', '1', cwd=tmp_path)
+    r = cli('--archive-url', ARCHIVE, *TINY[:-1], cwd=tmp_path)  # plots drawn: prediction.png
     assert r.returncode == 0, r.stderr
     assert 'CC BY-NC' in r.stdout and 'arXiv:2207.03342' in r.stdout  # license and citation, before fetching
     assert r.stdout.index('CC BY-NC') < r.stdout.index('train/ and val/ folders')

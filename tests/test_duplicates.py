@@ -57,7 +57,7 @@ def test_strong_copies_join_their_original_and_different_patients_stay_apart(cop
     assert all(group_of.get(copy, -1) == group_of.get(original) for copy, original in original_of.items())
     originals = [n for n in names if n not in original_of]
     assert len({group_of.get(n, n) for n in originals}) == len(originals) == 12  # no two patients joined
-    assert all(m >= mpox.duplicates.MIN_INLIERS and c >= mpox.duplicates.MIN_CORRELATION for _, _, m, c in pairs)
+    assert all(mpox.duplicates.is_copy(m, c) for _, _, m, c in pairs)
 
 
 def test_signatures_round_trip_through_a_checkpoint_and_find_the_same_copies(copied):

@@ -45,7 +45,7 @@ function describeModel() {
   $('predictive').textContent = predictiveValues(v, prevalence());
   const data = card.training_data;
   $('training').textContent = (data ? `Trained on ${data.photos} photos (${data.folder}); their license: ` +
-    `${data.license || 'not recorded with the model'}. ` : '') +
+    `${(data.license || 'not recorded with the model').replace(/\.$/, '')}. ` : '') +
     (card.calibration ? `Probabilities calibrated by temperature ${card.calibration.temperature.toFixed(2)}. ` : '') +
     (card.ood ? '' : 'This model has no check for photos unlike its training photos.');
 }
