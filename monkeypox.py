@@ -641,6 +641,9 @@ def main(argv=None):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1
         except (dist.DistError, RuntimeError) as e:
+            if isinstance(e.__cause__, KeyboardInterrupt):  # Ctrl-C or SIGTERM while a class was being made (an import)
+                print(f'monkeypox.py{who}: stopped', file=sys.stderr)
+                return 130
             if not distributed or not is_lost_peer(e):
                 raise
             if debug:

@@ -295,7 +295,7 @@ def main(argv=None):
     peaks, gflop = matmul_peaks(args.trials), gflop_per_image(args.arch)
     print(f'machine: {os.cpu_count()} cores, CPU flags: {cpu_flags()}' + (' (held to AVX2)' if args.isa == 'avx2' else '')
           + f'; matmul peaks measured now: fp32 {peaks["float32"]:.0f}, bf16 {peaks["bfloat16"]:.0f} GFLOP/s; '
-          f'{args.arch}: {gflop:.1f} GFLOP per 224x224 crop')
+          f'{args.arch}: {gflop:.3g} GFLOP per 224x224 crop')
     if args.photos:
         return large(args, env, peaks, gflop)
     for n in args.max_images:
