@@ -105,6 +105,7 @@ def test_evaluate_counts_the_flagged_photos_measures_an_ood_folder_and_gives_ppv
     assert 'at a prevalence of 0.1: PPV' in text and 'out of distribution:' in text
 
 
+@pytest.mark.slow
 def test_bad_out_of_distribution_and_prevalence_requests_are_one_line_errors(trained, tmp_path, cli):
     data, checkpoint = trained
     (tmp_path / 'empty').mkdir()

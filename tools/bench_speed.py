@@ -70,17 +70,20 @@ def matmul_peaks(trials=5):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         t = time.perf_counter()
         a @ b
-        if time.perf_counter() - t < 0.05:  # fast at this type: a size that measures its peak (without bf16
-            n = 4096                        # units, a bf16 product is emulated and slow: keep it small)
+        best = time.perf_counter() - t
+        if best < 0.05:  # fast at this type: a size that measures its peak (without bf16 units, a bf16 product
+            n = 4096     # is emulated and slow: the one product at 1024 is its measure)
             a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
             a @ b
-        best = float('inf')
-        for _ in range(trials if n == 4096 else 1):
-            t = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t)
+            best = min(timed(lambda: a @ b) for _ in range(trials))
         peaks[str(dtype).split('.')[-1]] = 2 * n ** 3 / best / 1e9
     return peaks
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def gflop_per_image(arch):
