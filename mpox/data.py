@@ -192,7 +192,20 @@ def group_key(path):
 def patient_groups(photos):
     """Group id per photo: same group key, byte-identical files of one class, or near-duplicate copies (a
     photo under two names, or cropped and turned, is still one photo and must not straddle a split)."""
-    parent = list(range(len(photos)))
+    first, links = {}, []
+    for i, p in enumerate(photos):
+        keys = [('patient', patient_of(p)), ('bytes', p.label, p.sha)]
+        links += [(i, first.setdefault(key, i)) for key in keys + ([('copies', p.copies)] if p.copies is not None else [])]
+    return connected(len(photos), links)
+
+
+def patient_of(photo):
+    return photo.patient or '/'.join(group_key(photo.path))
+
+
+def connected(n, links):
+    """Group id (its smallest member's root) of each of 0..n-1, joined by the pairs `links` (union-find)."""
+    parent = list(range(n))
 
     def find(i):
         while parent[i] != i:
@@ -200,13 +213,9 @@ def patient_groups(photos):
             i = parent[i]
         return i
 
-    first = {}
-    for i, p in enumerate(photos):
-        keys = [('patient', p.patient or '/'.join(group_key(p.path))), ('bytes', p.label, p.sha)]
-        for key in keys + ([('copies', p.copies)] if p.copies is not None else []):
-            j = first.setdefault(key, i)
-            parent[find(i)] = find(j)
-    return [find(i) for i in range(len(photos))]
+    for a, b in links:
+        parent[find(a)] = find(b)
+    return [find(i) for i in range(n)]
 
 
 def patients_by_class(photos):

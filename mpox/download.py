@@ -82,7 +82,7 @@ def layout_dataset(src, out, cfg, cache=''):
     check_grouping(photos, classes, cfg.patients, 3, 'the train/ val/ test/ split')
     out.mkdir(parents=True, exist_ok=True)
     if join_near_duplicates(photos, str(src), cfg.near_duplicates, cache, str(out / 'near_duplicates.csv'))[0]:
-        check_grouping(photos, classes, cfg.patients, 3, 'the train/ val/ test/ split')
+        check_grouping(photos, classes, cfg.patients, 3, 'the train/ val/ test/ split', copies_only=True)
     rest, test = grouped_split(photos, cfg.test_fraction, cfg.seed)
     train, val = grouped_split(rest, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
     rows = []

@@ -20,6 +20,7 @@ import os
 import numpy as np
 import torch
 
+from .data import connected
 from .files import safe_torch_load, torch_save
 from .images import load_rgb
 from .system import UserError
@@ -43,10 +44,11 @@ CHUNK = 1024          # photos per matrix product of the candidate search
 class Signature:
     """What the search keeps of a photo: keypoints and descriptors found with its long side at `side`
     pixels (SIDE, or less for a smaller photo), of the photo and (for photos searched, not only searched
-    against) of its mirror image, and the grey thumbnail (long side THUMB, or less)."""
-    points: np.ndarray       # float32 [n, 2], in pixels of the photo scaled to `side`
+    against) of its mirror image, and the grey thumbnail (long side THUMB, or less; None in a checkpoint,
+    which keeps no pixels of its training photos)."""
+    points: np.ndarray       # float32 [n, 2] (float16 values), in pixels of the photo scaled to `side`
     descriptors: np.ndarray  # uint8 [n, 32]
-    thumb: np.ndarray        # uint8 [h, w]
+    thumb: np.ndarray        # uint8 [h, w], or None
     side: int                # long side of the photo as its keypoints were found
     mirror: tuple = None     # (points, descriptors) of the mirror image
 
@@ -54,33 +56,38 @@ class Signature:
         """Thumbnail pixels per keypoint pixel."""
         return max(self.thumb.shape) / self.side
 
-    def stored(self, mirror=True):
-        """As tensors (torch.load's weights_only reads them back): the feature cache keeps the mirror image's
-        keypoints, a checkpoint (mirror=False) only the photo's own, in float16 (about 20 KB a photo)."""
+    def stored(self, pixels=True):
+        """As tensors (torch.load's weights_only reads them back): the cache keeps it whole; a checkpoint
+        (pixels=False) only the keypoints and descriptors of the photo itself (about 10 KB a photo)."""
         d = {'points': torch.from_numpy(self.points.astype(np.float16)),
-             'descriptors': torch.from_numpy(self.descriptors), 'thumb': torch.from_numpy(self.thumb),
-             'side': self.side}
-        if mirror and self.mirror is not None:
-            d['mirror'] = [torch.from_numpy(self.mirror[0].astype(np.float16)), torch.from_numpy(self.mirror[1])]
+             'descriptors': torch.from_numpy(self.descriptors), 'side': self.side}
+        if pixels:
+            d['thumb'] = torch.from_numpy(self.thumb)
+            if self.mirror is not None:
+                d['mirror'] = [torch.from_numpy(self.mirror[0].astype(np.float16)), torch.from_numpy(self.mirror[1])]
         return d
 
 
 def from_stored(d):
-    mirror = d.get('mirror')
-    return Signature(d['points'].float().numpy(), d['descriptors'].numpy(), d['thumb'].numpy(), d['side'],
-                     None if mirror is None else (mirror[0].float().numpy(), mirror[1].numpy()))
+    thumb, mirror = d.get('thumb'), d.get('mirror')
+    return Signature(d['points'].float().numpy(), d['descriptors'].numpy(), thumb if thumb is None else thumb.numpy(),
+                     d['side'], None if mirror is None else (mirror[0].float().numpy(), mirror[1].numpy()))
 
 
 CACHE_NAME = 'near-duplicates.pt'
+SETTINGS = {'side': SIDE, 'keypoints': KEYPOINTS, 'scales': SCALES, 'thumb': THUMB}  # what a cached signature depends on
 
 
 def load_signatures(folder):
-    """{sha256: Signature} kept in the feature cache `folder` by an earlier run ({} without one)."""
+    """{sha256: Signature} kept in the feature cache `folder` by an earlier run with these settings ({} else)."""
     path = os.path.join(folder, CACHE_NAME) if folder else ''
     if not path or not os.path.exists(path):
         return {}
     try:
-        return {sha: from_stored(d) for sha, d in safe_torch_load(path, 'near-duplicate cache').items()}
+        kept = safe_torch_load(path, 'near-duplicate cache')
+        if kept.get('settings') != SETTINGS:
+            return {}
+        return {sha: from_stored(d) for sha, d in kept['signatures'].items()}
     except (UserError, KeyError, AttributeError, TypeError):
         return {}  # a damaged cache is computed again
 
@@ -88,25 +95,37 @@ def load_signatures(folder):
 def save_signatures(folder, cache):
     if folder:
         with contextlib.suppress(UserError):  # a cache that cannot be written is computed again next time
-            torch_save({sha: s.stored() for sha, s in cache.items() if s is not None}, os.path.join(folder, CACHE_NAME))
+            torch_save({'settings': SETTINGS, 'signatures': {sha: s.stored() for sha, s in cache.items() if s}},
+                       os.path.join(folder, CACHE_NAME))
 
 
 def opencv():
-    import cv2  # imported where used: only the search needs OpenCV
+    try:
+        import cv2  # imported where used: only the search needs OpenCV
+    except ImportError as e:
+        raise UserError('the near-duplicate search needs OpenCV (opencv-python-headless): pip install -r '
+                        'requirements.txt, or pass --near-duplicates off') from e
     return cv2
 
 
-def signature(path):
-    """The photo's Signature; None when it cannot be read (the extraction reports those)."""
-    cv = opencv()
+def grey_photo(path):
+    """The photo in grey, its long side at most SIDE; None when it cannot be read (the extraction reports
+    those). Called in one thread: load_rgb's warning filter (decompression bombs) is the process's."""
     try:
         grey = load_rgb(path, draft=SIDE).convert('L')
     except Exception:
         return None
-    side = min(SIDE, max(grey.size))  # never enlarged: that adds no detail, and costs time
-    big, thumb = np.array(scaled(grey, side)), np.array(scaled(grey, min(THUMB, side)))
+    return scaled(grey, min(SIDE, max(grey.size)))  # never enlarged: that adds no detail, and costs time
+
+
+def signature(grey):
+    """The Signature of a grey photo (grey_photo), or None for none."""
+    if grey is None:
+        return None
+    cv, big = opencv(), np.array(grey)
+    thumb = np.array(scaled(grey, min(THUMB, max(grey.size))))
     points, descriptors = keypoints(cv, big)
-    return Signature(points, descriptors, thumb, side, keypoints(cv, np.ascontiguousarray(big[:, ::-1])))
+    return Signature(points, descriptors, thumb, max(grey.size), keypoints(cv, np.ascontiguousarray(big[:, ::-1])))
 
 
 def scaled(grey, side):
@@ -116,21 +135,28 @@ def scaled(grey, side):
 
 
 def keypoints(cv, grey):
+    """ORB's keypoints (rounded to float16, as the cache and checkpoints keep them: the same answer from a
+    cache as from the photo) and descriptors; none on a photo too small for the pyramid."""
     # a low FAST threshold: skin is smooth, and a copy only needs to share some of the keypoints found
     orb = cv.ORB_create(nfeatures=KEYPOINTS, nlevels=SCALES, edgeThreshold=15, fastThreshold=5)
-    found, descriptors = orb.detectAndCompute(cv.equalizeHist(grey), None)
+    try:
+        found, descriptors = orb.detectAndCompute(cv.equalizeHist(grey), None)
+    except cv.error:  # a side of a few pixels shrinks to none in the pyramid
+        found, descriptors = (), None
     if descriptors is None:
         return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
-    return np.float32([k.pt for k in found]), descriptors
+    return np.float16([k.pt for k in found]).astype(np.float32), descriptors
 
 
 def signatures(photos, cache=None):
     """Signature of each photo (None: unreadable), from `cache` ({sha256: Signature}) where it has them, the
-    others computed and added to it."""
+    others computed and added to it: decoded one after another, their keypoints found in threads (OpenCV
+    releases the GIL)."""
     cache = {} if cache is None else cache
     todo = list({p.sha: p.path for p in photos if p.sha not in cache}.items())
-    with concurrent.futures.ThreadPoolExecutor(threads()) as pool:  # OpenCV and Pillow release the GIL
-        for (sha, _), sig in zip(todo, pool.map(signature, [path for _, path in todo])):
+    greys = [grey_photo(path) for _, path in todo]
+    with concurrent.futures.ThreadPoolExecutor(threads()) as pool:
+        for (sha, _), sig in zip(todo, pool.map(signature, greys)):
             cache[sha] = sig
     return [cache[p.sha] for p in photos]
 
@@ -147,38 +173,38 @@ def word_vectors(sigs, mirrored):
         bits = np.unpackbits(np.concatenate(parts), axis=1)
         for t, columns in enumerate(choice):
             rows[i] += np.bincount(t * width + bits[:, columns] @ weights, minlength=rows.shape[1])
-    return np.sqrt(rows), (rows > 0).sum(0)
+    counts = (rows > 0).sum(0)
+    return np.sqrt(rows, out=rows), counts
 
 
-def candidates(queries, references, same):
-    """Pairs (query index, reference index) worth confirming: each query's CANDIDATES nearest references by
-    tf-idf cosine of visual words, and (`same`: one set of photos) each reference's nearest queries."""
-    q, q_df = word_vectors(queries, mirrored=True)
-    r, r_df = (q, q_df) if same else word_vectors(references, mirrored=False)
-    n = len(references) + (0 if same else len(queries))
-    idf = np.log((n + 1) / (r_df + (0 if same else q_df) + 1)).astype(np.float32)
-    q, r = normalised(q * idf), normalised(r * idf)
-    k = min(CANDIDATES, len(references) - (1 if same else 0))
+def candidates(queries, references=None):
+    """Pairs (query index, reference index) worth confirming, in order: each query's CANDIDATES nearest
+    references by tf-idf cosine of visual words, and (no `references`: one set of photos, each pair once)
+    each photo's nearest photos. Entries that are None are skipped."""
+    same = references is None
+    qi = [i for i, s in enumerate(queries) if s is not None]
+    ri = qi if same else [i for i, s in enumerate(references) if s is not None]
+    q, q_df = word_vectors([queries[i] for i in qi], mirrored=True)
+    r, r_df = (q, q_df) if same else word_vectors([references[i] for i in ri], mirrored=False)
+    idf = np.log((len(ri) + (0 if same else len(qi)) + 1) / (r_df + (0 if same else q_df) + 1)).astype(np.float32)
+    for x in (q,) if same else (q, r):  # in place: a row is 64 KB
+        x *= idf
+        x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
+    k = min(CANDIDATES, len(ri) - (1 if same else 0))
     pairs = set()
-    if k <= 0:
-        return pairs
-    for start in range(0, len(queries), CHUNK):
+    for start in range(0, len(qi), CHUNK) if k > 0 else ():
         sim = q[start:start + CHUNK] @ r.T
         if same:
             np.fill_diagonal(sim[:, start:], -1)  # not itself
-        nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        for i, row in enumerate(nearest, start):
-            pairs.update((min(i, j), max(i, j)) if same else (i, j) for j in row.tolist() if j != i or not same)
-    return pairs
-
-
-def normalised(x):
-    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+        for a, row in enumerate(np.argpartition(-sim, k - 1, axis=1)[:, :k], start):
+            pairs.update((min(a, b), max(a, b)) if same else (a, b) for b in row.tolist() if not same or b != a)
+    return sorted((qi[a], ri[b]) for a, b in pairs)
 
 
 def confirm(a, b):
     """(keypoint matches, correlation) of `a`, or its mirror image, placed on `b` by the similarity transform
-    that explains most of their matched keypoints; (0, 0.0) when none does."""
+    that explains most of their matched keypoints: the orientation judged the more surely a copy. The
+    correlation is None when either has no thumbnail (a checkpoint's); (0, 0.0) when no transform fits."""
     cv = opencv()
     best = (0, 0.0)
     for flip, (points, descriptors) in enumerate([(a.points, a.descriptors)] + ([a.mirror] if a.mirror else [])):
@@ -193,11 +219,13 @@ def confirm(a, b):
                                                         method=cv.RANSAC, ransacReprojThreshold=4.0)
         if transform is None or inliers.sum() < MIN_INLIERS:
             continue
-        # the same transform between the thumbnails: out of a's keypoint pixels, into b's thumbnail pixels
-        on_thumbs = transform * b.to_thumb()
-        on_thumbs[:, :2] /= a.to_thumb()
-        thumb = a.thumb[:, ::-1] if flip else a.thumb
-        best = max(best, (int(inliers.sum()), correlation(cv, thumb, b.thumb, on_thumbs)), key=lambda t: t[1])
+        corr = None
+        if a.thumb is not None and b.thumb is not None:
+            # the same transform between the thumbnails: out of a's keypoint pixels, into b's thumbnail pixels
+            on_thumbs = transform * b.to_thumb()
+            on_thumbs[:, :2] /= a.to_thumb()
+            corr = correlation(cv, a.thumb[:, ::-1] if flip else a.thumb, b.thumb, on_thumbs)
+        best = max(best, (int(inliers.sum()), corr), key=lambda t: (is_copy(*t), t[0] if t[1] is None else t[1]))
     return best
 
 
@@ -218,23 +246,26 @@ def correlation(cv, a, b, transform):
     return float((x * y).sum() / (np.sqrt((x * x).sum() * (y * y).sum()) + 1e-6))
 
 
+def confirmed(queries, references, pairs):
+    """The pairs (from candidates) that are copies: [(query index, reference index, keypoint matches,
+    correlation)] in their order, the correlation None where a checkpoint's signature has no thumbnail."""
+    with concurrent.futures.ThreadPoolExecutor(threads()) as pool:  # OpenCV releases the GIL
+        checked = pool.map(lambda pair: confirm(queries[pair[0]], references[pair[1]]), pairs)
+    return [(a, b, matches, corr if corr is None else round(corr, 4))
+            for (a, b), (matches, corr) in zip(pairs, checked) if is_copy(matches, corr)]
+
+
 def near_duplicates(queries, references=None):
     """Confirmed copies among `queries` (Signatures; None entries skipped), or of `references` among them:
     [(query index, reference index, keypoint matches, correlation)], each pair once, in index order."""
-    same = references is None
-    references = queries if same else references
-    qi = [i for i, s in enumerate(queries) if s is not None]
-    ri = qi if same else [i for i, s in enumerate(references) if s is not None]
-    q, r = [queries[i] for i in qi], [references[i] for i in ri]
-    pairs = sorted(candidates(q, r, same))
-    with concurrent.futures.ThreadPoolExecutor(threads()) as pool:  # OpenCV releases the GIL
-        confirmed = pool.map(lambda pair: confirm(q[pair[0]], r[pair[1]]), pairs)
-    return [(qi[a], ri[b], matches, round(corr, 4)) for (a, b), (matches, corr) in zip(pairs, confirmed)
-            if is_copy(matches, corr)]
+    return confirmed(queries, queries if references is None else references, candidates(queries, references))
 
 
 def is_copy(matches, corr):
-    """Whether a pair's keypoint matches and correlation (confirm) make it a copy (measured: docs/data.md)."""
+    """Whether a pair's keypoint matches and correlation (confirm) make it a copy (measured: docs/data.md).
+    Without a correlation (a checkpoint keeps no thumbnails) FEW_INLIERS matches are needed."""
+    if corr is None:
+        return matches >= FEW_INLIERS
     return matches >= MIN_INLIERS and corr >= (FEW_CORRELATION if matches < FEW_INLIERS else MIN_CORRELATION)
 
 
@@ -244,17 +275,8 @@ def threads():
 
 def joined_groups(n, pairs):
     """Connected groups (sorted lists of indices 0..n-1) of more than one member, joining pair to pair."""
-    parent = list(range(n))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b, *_ in pairs:
-        parent[find(a)] = find(b)
-    groups = {}
-    for i in range(n):
-        groups.setdefault(find(i), []).append(i)
-    return sorted(g for g in groups.values() if len(g) > 1)
+    group = connected(n, [pair[:2] for pair in pairs])
+    members = {}
+    for i, g in enumerate(group):
+        members.setdefault(g, []).append(i)
+    return sorted(m for m in members.values() if len(m) > 1)

@@ -8,10 +8,11 @@ import posixpath
 import re
 import time
 
-from .data import group_key, patient_groups, patients_by_class
-from .duplicates import from_stored, joined_groups, load_signatures, near_duplicates, save_signatures, signatures
+from .data import group_key, patient_groups, patient_of, patients_by_class
+from .duplicates import (candidates, confirmed, from_stored, joined_groups, load_signatures, save_signatures,
+                         signatures)
 from .files import atomic_write
-from .system import UserError, first_line, gather, is_main, say, warn
+from .system import UserError, first_line, gather, is_main, my_chunks, say, warn
 
 SHARE_OF_ONE_PATIENT = 1 / 3  # a class whose largest "patient" holds more than this share of its photos,
 MOST_PHOTOS_OF_ONE_PATIENT = 5  # and more photos than this, was grouped by a rule that does not fit its names
@@ -109,21 +110,25 @@ def patients_in_two_classes(photos):
     return sorted(k for k, labels in classes.items() if len(labels) > 1)
 
 
-def check_grouping(photos, classes, spec, least, need):
+def check_grouping(photos, classes, spec, least, need, copies_only=False):
     """Before any heavy work: a class whose largest patient holds an implausible share of its photos (more
     than SHARE_OF_ONE_PATIENT and more than MOST_PHOTOS_OF_ONE_PATIENT), or with fewer than `least` patients
     (what `need` needs: the split, the folds), is an error under 'auto' (the guess from file names was
-    wrong) and a warning for a grouping the user stated."""
+    wrong) and a warning for a grouping the user stated. `copies_only`: the check again once near-duplicates
+    joined patients, of the classes whose largest patient holds copies."""
     for label, patients in enumerate(patients_by_class(photos)):
         count = sum(len(idx) for _, idx in patients)
         largest = max(patients, key=lambda group: len(group[1]))[1]
         key, size = photos[largest[0]].patient, len(largest)
+        copies = any(photos[i].copies is not None for i in largest)
+        if copies_only and not copies:
+            continue
         joined = len({photos[i].patient for i in largest})
         how = describe(spec) + (f' and the near-duplicate copies that joined {joined} patients (near_duplicates.csv)'
-                                if joined > 1 else '')
+                                if copies else '')
         if size > SHARE_OF_ONE_PATIENT * count and size > MOST_PHOTOS_OF_ONE_PATIENT:
             problem = f'class {classes[label]!r}: {size} of its {count} photos are one patient ({key!r}) by {how}'
-            fix = FIX + ('; or --near-duplicates off' if joined > 1 else '')
+            fix = FIX + ('; or --near-duplicates off' if copies else '')
         elif len(patients) < least:
             problem = (f'class {classes[label]!r} has {len(patients)} patient(s) by {how} (the largest, '
                        f'{key!r}, has {size} photos), and {need} needs {least}')
@@ -139,22 +144,15 @@ def check_grouping(photos, classes, spec, least, need):
 def join_near_duplicates(photos, root, search, cache, csv_path, part_of=None):
     """Find near-duplicate copies among `photos` (mpox.duplicates) and mark each group of them (Photo.copies)
     so that every split and fold keeps it together, with its patients (data.patient_groups). `search`: 'on'
-    or 'off' (--near-duplicates); `cache`: the feature cache folder ('': none). Rank 0 searches, and every
-    rank joins its pairs. What was found is reported (report_copies) and the pairs go to `csv_path`.
-    Returns the pairs and, on rank 0, the signatures (None when the search is off)."""
+    or 'off' (--near-duplicates); `cache`: the feature cache folder ('': none). What was found is reported
+    (report_copies) and the pairs go to `csv_path`. Returns the pairs and the signatures (None when off)."""
     if search == 'off':
         warn('--near-duplicates off: copies of a photo under other names are not looked for, and may land on both '
              'sides of a split, which flatters its results')
         return [], None
-    t0, sigs, pairs = time.time(), None, None
-    if is_main():
-        stored = load_signatures(cache)
-        known = len(stored)
-        sigs = signatures(photos, stored)
-        if len(stored) > known:
-            save_signatures(cache, stored)
-        pairs = near_duplicates(sigs)
-    pairs = gather(pairs)[0]
+    t0 = time.time()
+    sigs = shared_signatures(photos, cache)
+    pairs = shared_search(sigs)
     before = len(set(patient_groups(photos)))
     for k, group in enumerate(joined_groups(len(photos), pairs)):
         for i in group:
@@ -165,6 +163,28 @@ def join_near_duplicates(photos, root, search, cache, csv_path, part_of=None):
         f'({csv_path})')
     report_copies(photos, pairs, root, csv_path, part_of)
     return pairs, sigs
+
+
+def shared_signatures(photos, cache):
+    """Each photo's Signature (duplicates.signatures), read from the feature cache folder `cache` where it
+    has them; the others computed a share on each rank (under torchrun) and gathered."""
+    stored = load_signatures(cache)
+    todo = list({p.sha: p for p in photos if p.sha not in stored}.values())
+    mine = [todo[i] for chunk in my_chunks(len(todo), 16) for i in chunk]
+    for part in gather(dict(zip([p.sha for p in mine], signatures(mine)))):
+        stored.update(part)
+    if todo and is_main():
+        save_signatures(cache, stored)
+    return [stored[p.sha] for p in photos]
+
+
+def shared_search(queries, references=None):
+    """duplicates.near_duplicates with its confirmations shared among the ranks (the candidates are the same
+    on every rank), gathered in order."""
+    pairs = candidates(queries, references)
+    mine = [pairs[i] for chunk in my_chunks(len(pairs), 64) for i in chunk]
+    return sorted(f for part in gather(confirmed(queries, queries if references is None else references, mine))
+                  for f in part)
 
 
 def report_copies(photos, pairs, root, csv_path, part_of):
@@ -194,7 +214,7 @@ def training_copies(stored, photos, root, out, checkpoint):
         say(f'note: {checkpoint} keeps no signatures of its training photos, so copies of them among these photos '
             'are not looked for')
         return None
-    pairs = near_duplicates(signatures(photos), [from_stored(d) for d in stored])
+    pairs = shared_search(shared_signatures(photos, ''), [from_stored(d) for d in stored])
     copied = sorted({q for q, *_ in pairs})
     csv_path = os.path.join(out, 'copies_of_training.csv')
     if copied:
@@ -203,8 +223,8 @@ def training_copies(stored, photos, root, out, checkpoint):
     else:
         say(f'near-duplicates: none of the {len(photos)} photos evaluated copies a photo the model was trained on')
     if is_main():
-        rows = [[os.path.relpath(photos[q].path, root), stored[r]['path'], m, f'{c:.3f}'] for q, r, m, c in pairs]
-        write_csv(csv_path, ['path', 'training_photo', 'matches', 'correlation'], rows)
+        rows = [[os.path.relpath(photos[q].path, root), stored[r]['path'], m] for q, r, m, _ in pairs]
+        write_csv(csv_path, ['path', 'training_photo', 'matches'], rows)
     return len(copied)
 
 
@@ -221,8 +241,8 @@ def pair_note(a, b, part_of):
 def write_pairs(path, photos, pairs, notes, root):
     """near_duplicates.csv: each pair's paths (relative to --data) and patients, the keypoint matches and
     the correlation that confirmed it, and what it means."""
-    rows = [[os.path.relpath(photos[a].path, root), photos[a].patient, os.path.relpath(photos[b].path, root),
-             photos[b].patient, matches, f'{corr:.3f}', note] for (a, b, matches, corr), note in zip(pairs, notes)]
+    rows = [[os.path.relpath(photos[a].path, root), patient_of(photos[a]), os.path.relpath(photos[b].path, root),
+             patient_of(photos[b]), matches, f'{corr:.3f}', note] for (a, b, matches, corr), note in zip(pairs, notes)]
     write_csv(path, ['path_a', 'patient_a', 'path_b', 'patient_b', 'matches', 'correlation', 'note'], rows)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .data import (DATASET_URL, Photo, Split, collect_images, drop_unreadable, positive_index, print_split,
-                   read_dataset, split_photos)
+                   read_dataset, read_photos, split_photos)
 from .devices import resolve_device
 from .download import DATASET_CITATION, download_dataset
 from .features import Extractor, Features
@@ -50,8 +50,7 @@ def prepare(cfg, every_photo=False):
     the fastest arithmetic that reproduces fp32 for this network and head (fidelity.check_fidelity)."""
     download_if_missing(cfg)
     memo = load_memo(cfg.cache)
-    classes, parts = read_dataset(cfg.data, memo, parts=('train', 'val', 'test'))
-    test = parts.pop('test', [])  # searched for copies of training photos, never trained or validated on
+    classes, parts = read_dataset(cfg.data, memo)
     every = [p for part in parts.values() for p in part]
     assign_patients(every, cfg.data, cfg.patients)  # before any heavy work: a wrong grouping stops here
     grouped = every if every_photo else parts.get('all') or parts['train']
@@ -62,12 +61,13 @@ def prepare(cfg, every_photo=False):
     else:
         least, need = (2, '--weight-decay auto') if cfg.weight_decay == 'auto' else (1, 'training')
     check_grouping(grouped, classes, cfg.patients, least, need)
+    test = [] if 'all' in parts or cfg.near_duplicates == 'off' else test_photos(cfg.data, classes, memo)
     part_of = None if 'all' in parts else {p.path: part for part, photos in [*parts.items(), ('test', test)]
                                            for p in photos}
     pairs, signatures = join_near_duplicates(every + test, cfg.data, cfg.near_duplicates, cfg.cache,
                                              os.path.join(cfg.out, 'near_duplicates.csv'), part_of)
     if pairs:  # the groups the copies joined, checked as the names were
-        check_grouping(grouped, classes, cfg.patients, least, need)
+        check_grouping(grouped, classes, cfg.patients, least, need, copies_only=True)
         if cfg.sheet and not cfg.no_plot and is_main():
             say(f'plot: {plot_pairs(every + test, pairs, classes, os.path.join(cfg.out, "near_duplicates.png"))}')
     split, what = split_photos(cfg.data, classes, parts, cfg), cfg.data
@@ -100,6 +100,18 @@ def prepare(cfg, every_photo=False):
     ood = None if every_photo else fit_detector(cfg, extractor, split)
     copies = signatures and {p.path: s for p, s in zip(every + test, signatures)}
     return Prepared(split, what, spec, positive, extractor, train_f, val_f, checks, ood, copies)
+
+
+def test_photos(root, classes, memo):
+    """The photos of DIR/test, searched for copies of training photos (never trained or validated on): none
+    without a test/ folder, or with one that does not fit the classes (said in one line)."""
+    if not os.path.isdir(os.path.join(root, 'test')):
+        return []
+    try:
+        return read_photos(os.path.join(root, 'test'), classes, memo)[1]
+    except UserError as e:
+        warn(f'{os.path.join(root, "test")} is not searched for copies of training photos: {e}')
+        return []
 
 
 def fit_detector(cfg, extractor, split):

@@ -173,9 +173,11 @@ def multipart_file(body, content_type, limit):
     spills the rest to a temporary file, so that size is set above the whole body's limit."""
     from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import FormParser, parse_options_header
-    files = []
-    parser = FormParser('multipart/form-data', None, files.append, boundary=parse_options_header(content_type)[1]
-                        .get(b'boundary'), config={'MAX_MEMORY_FILE_SIZE': limit + 1})
+    files, boundary = [], parse_options_header(content_type)[1].get(b'boundary')
+    if not boundary:
+        raise Refused(400, 'malformed multipart/form-data: its Content-Type names no boundary')
+    parser = FormParser('multipart/form-data', None, files.append, boundary=boundary,
+                        config={'MAX_MEMORY_FILE_SIZE': limit + 1})
     try:
         parser.write(body)
         parser.finalize()
@@ -287,6 +289,11 @@ def web_app(scorer, cfg):
         allowed = (e.headers or {}).get('Allow')
         line = {404: NOT_FOUND, 405: f'method not allowed: this path takes {allowed}'}.get(e.status_code, str(e.detail))
         return JSONResponse({'error': line}, e.status_code, e.headers)
+
+    @app.exception_handler(Exception)
+    async def bug(request, e):  # a bug, not the request's fault: still one JSON line, and the server goes on
+        say(f'error: {type(e).__name__}: {first_line(e)}')
+        return JSONResponse({'error': f'internal error ({type(e).__name__}); the server goes on serving'}, 500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e):

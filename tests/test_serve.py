@@ -170,6 +170,7 @@ BAD_REQUESTS = {  # name: (method, path, body or the name of one made from a pho
     'over the limit, chunked': ('POST', 'api/predict', 'chunked', 413, 'limit'),
     'prevalence out of range': ('POST', 'api/predict?prevalence=2', 'photo', 400, 'prevalence'),
     'multipart without a file': ('POST', 'api/predict', 'form', 400, '"file"'),
+    'multipart without a boundary': ('POST', 'api/predict', 'no boundary', 400, 'multipart'),
     'wrong method': ('GET', 'api/predict', None, 405, 'POST'),
     'wrong path': ('GET', 'api/nothing', None, 404, '/api/predict'),
 }
@@ -184,6 +185,8 @@ def test_a_bad_request_gets_one_json_error_line_and_the_server_goes_on(trained, 
     kw = {'content': made_here.get(body, body)}
     if body == 'form':
         kw = {'files': {'photo': ('a.jpg', photo, 'image/jpeg')}}
+    if body == 'no boundary':
+        kw = {'content': photo, 'headers': {'Content-Type': 'multipart/form-data'}}
     r = httpx.request(method, url + path, timeout=30, **kw)
     assert r.status_code == status, r.text
     error = r.json()['error']
