@@ -31,9 +31,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def runs(data, tmp_path_factory):
-    """The head, then 2 epochs of fine-tuning, by one process and by two: (their output folders, two's stdout)."""
+    """The head, then an epoch of fine-tuning, by one process and by two: (their output folders, two's stdout)."""
     root = tmp_path_factory.mktemp('runs')
-    args = ('train', '--data', data, '--unfreeze', '1', '--epochs', '2', *TWO_VIEWS)
+    args = ('train', '--data', data, '--unfreeze', '1', '--epochs', '1', *TWO_VIEWS)
     one = call_main(*args, '--out', root / 'one')  # in this process: one process, without a second import
     two = torchrun(*args, '--out', root / 'two')
     assert one.returncode == 0 and two.returncode == 0, two.stderr
@@ -42,14 +42,14 @@ def runs(data, tmp_path_factory):
 
 def test_two_processes_train_the_same_head_and_fine_tune_alike(runs):
     one, two, stdout = runs
-    assert stdout.count('head epoch') == 1 and stdout.count('finetune epoch   2/2') == 1  # only rank 0 speaks
+    assert stdout.count('head epoch') == 1 and stdout.count('finetune epoch   1/1') == 1  # only rank 0 speaks
     a = torch.load(one / 'monkeypox_model.pkl', weights_only=True)
     b = torch.load(two / 'monkeypox_model.pkl', weights_only=True)
     heads = [[{k: v for k, v in h.items() if k != 'seconds'} for h in c['history'] if h['stage'] == 'head'] for c in (a, b)]
     assert heads[0] == heads[1] and len(heads[0]) == 1  # the same head to the last bit: the same validation loss
     assert heads[0][0]['val_balanced_accuracy'] > 0.5  # it learned something to agree on
     tuned = [[h for h in c['history'] if h['stage'] == 'finetune'] for c in (a, b)]
-    assert len(tuned[0]) == len(tuned[1]) == 2
+    assert len(tuned[0]) == len(tuned[1]) == 1
     for x, y in zip(*tuned):  # bf16 where the CPU has it: the two split each batch in two,
         assert x['val_loss'] == pytest.approx(y['val_loss'], abs=5e-3)  # so their roundings differ a little
         assert x['val_balanced_accuracy'] == y['val_balanced_accuracy']

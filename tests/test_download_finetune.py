@@ -173,7 +173,8 @@ def test_offline_the_default_run_names_both_fixes_and_leaves_nothing_behind(tmp_
 def test_fine_tuning_changes_only_the_unfrozen_stages_and_the_head(tmp_path, cli, arch, unfreeze, trainable):
     data = make_dataset(tmp_path / 'd' / 'train', per_class=10)  # no val/: the last epoch is the model
     r = cli('train', '--data', data.parent, '--arch', arch, '--weights', 'none', '--views', '1', '--unfreeze', unfreeze,
-            '--epochs', '2', '--backbone-lr', '0.01', '--out', tmp_path / 'chk', '--no-plot')
+            '--epochs', '2', '--backbone-lr', '0.01', '--out', tmp_path / 'chk', '--no-plot', '--set', 'IMAGE_SIZE=96',
+            '--set', 'RESIZE=110')
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / 'chk' / 'monkeypox_model.pkl', weights_only=True)
     assert (ckpt['stage'], ckpt['epoch']) == ('finetune', 2)

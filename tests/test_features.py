@@ -128,7 +128,7 @@ def test_many_packs_are_merged_into_one_that_holds_every_row(tmp_path):
 @pytest.mark.slow
 def test_bf16_features_agree_with_fp32_on_real_photos(msld, torch_home, tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(torch_home))
-    photos = mpox.data.read_photos(str(msld))[1][::16]
+    photos = mpox.data.read_photos(str(msld))[1][::32]
     real = ('--arch', 'mobilenet_v2', '--weights', 'IMAGENET1K_V1')
     _, fp32 = extract(config(tmp_path, '--precision', 'fp32', *real), photos, ['eval'])
     _, bf16 = extract(config(tmp_path, '--precision', 'bf16', *real), photos, ['eval'])

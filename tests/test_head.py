@@ -100,7 +100,7 @@ def test_two_seeds_train_the_same_head_on_fixed_folders(fixed_folders, cli):
 def test_a_warm_run_reads_the_weight_decay_search_back(fixed_folders, cli):
     out = fixed_folders / 'warm'
     args = ('train', '--data', fixed_folders / 'd', '--arch', 'resnet18', '--weights', fixed_folders / 'resnet18.pth',
-            '--out', out, '--no-plot')
+            '--out', out, '--no-plot', '--set', 'IMAGE_SIZE=112', '--set', 'RESIZE=128')
     assert cli(*args).returncode == 0
     saved = list((out / 'cache').rglob('head-search-*.json'))
     assert len(saved) == 1
