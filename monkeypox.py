@@ -105,7 +105,7 @@ from mpox.devices import int8_engine, resolve_device
 from mpox.download import download_dataset
 from mpox.fidelity import FIDELITY_LIMITS
 from mpox.files import atomic_write
-from mpox.head import HEAD_GRID, on_grid_edge
+from mpox.head import on_grid_edge
 from mpox.images import report_skipped
 from mpox.int8 import calibration_patients
 from mpox.metrics import aggregate, calibration, decide, metrics, operating_threshold, print_cv, print_metrics
@@ -194,13 +194,13 @@ def cv(cfg):
     if cfg.unfreeze:  # every fold fine-tunes its own copy of the pretrained model
         pretrained = {k: v.clone() for k, v in prep.extractor.model().cpu().state_dict().items()}
     results, labels, probs, preds, untempered, edges = [], [], [], [], [], []
+    index = {p.path: i for i, p in enumerate(photos)}
     for k in range(cfg.folds):
         t0 = time.time()
         test = [scored[j] for j, f in enumerate(folds) if f == k]
         in_test = set(test)
         inner_train, inner_val = grouped_split([p for i, p in enumerate(photos) if i not in in_test],
                                                cfg.val_fraction, cfg.seed)
-        index = {p.path: i for i, p in enumerate(photos)}
         tr, va = [index[p.path] for p in inner_train], [index[p.path] for p in inner_val]
         if cfg.unfreeze:
             model = prep.extractor.model()
@@ -213,8 +213,8 @@ def cv(cfg):
         run.cache_dir = prep.extractor.cache.dir
         with quiet():
             best = fit(run)
-            p = run.probabilities(prep.val_features.subset(test))
-            untempered += run.probabilities(prep.val_features.subset(test), run.head_fit['temperature'])
+            p, before_scaling = run.probabilities(prep.val_features.subset(test))
+            untempered += before_scaling
         y = prep.val_features.y[test].tolist()
         m = metrics(y, p, classes, positive, best['threshold'])
         del m['bins']  # a fold's reliability bins: the pooled ones are drawn
@@ -226,8 +226,9 @@ def cv(cfg):
         labels, probs, preds = labels + y, probs + p, preds + decide(p, positive, best['threshold'])
         edges += [k + 1] if run.head_fit.get('search') and on_grid_edge(run.head_fit['search']) else []
     if edges:
+        grid = run.head_fit['search']['grid']  # the grid the folds searched
         warn(f'the weight decay chosen in fold(s) {", ".join(map(str, edges))} is an end of the grid '
-             f'({HEAD_GRID[0]:g} to {HEAD_GRID[-1]:g}): the inner folds found no best penalty inside it')
+             f'({grid[0]:g} to {grid[-1]:g}): the inner folds found no best penalty inside it')
     pooled = metrics(labels, probs, classes, positive, None, preds)  # out of fold, each at its own threshold
     if positive is not None:  # what each fold's temperature did to its calibration
         pooled['untempered'] = calibration([y == positive for y in labels], [q[positive] for q in untempered])
@@ -507,7 +508,7 @@ def build_parser():
     p.add_argument('--all', action='store_true', help='every photo of --data, even those trained on')
     flag(p, '--out', str, 'folder for the pictures (default: the checkpoint\'s)', default='')
     p.add_argument('--sheet', action='store_true', help='also write sheet.png: photos, mistakes first')
-    p.add_argument('--no-plot', action='store_true', help='write no pictures (confusion.png, roc.png)')
+    p.add_argument('--no-plot', action='store_true', help='write no pictures')
     p = command('predict', [checkpoint, common, output, screening], 'classify photos')
     p.add_argument('paths', nargs='+', metavar='PATH', help='image files or folders')
     g = p.add_mutually_exclusive_group()

@@ -1,9 +1,7 @@
 """Checkpoints: what `train` writes and evaluate and predict read (nothing in them is ever run)."""
 
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -14,7 +12,7 @@ import torch.nn as nn
 import torchvision
 
 from .data import dataset_license, positive_index
-from .files import atomic_write, safe_torch_load
+from .files import atomic_write, safe_torch_load, write_csv
 from .images import preprocessing
 from .model import CHECKPOINT_FORMAT, WeightsMismatch, build_model, construct, guess_arch, head_name
 from .system import UserError, first_line, say, warn
@@ -187,10 +185,5 @@ def read_class_map(path):
 
 
 def write_summary(history, path):
-    def write(f):
-        text = io.StringIO()
-        w = csv.DictWriter(text, fieldnames=list(history[0]) if history else ['epoch'])
-        w.writeheader()
-        w.writerows(history)
-        f.write(text.getvalue().encode())
-    atomic_write(path, write)
+    header = list(history[0]) if history else ['epoch']
+    write_csv(path, header, [[h[k] for k in header] for h in history])

@@ -218,10 +218,11 @@ def connected(n, links):
     return [find(i) for i in range(n)]
 
 
-def patients_by_class(photos):
+def patients_by_class(photos, groups=None):
     """For each class in index order, its patients as (group id, photo indices) (in order of first photo). A
-    patient with photos in two classes is in both lists, under one group id."""
-    groups, by_class = patient_groups(photos), {}
+    patient with photos in two classes is in both lists, under one group id. `groups`: patient_groups(photos),
+    when the caller has it."""
+    groups, by_class = groups or patient_groups(photos), {}
     for i, p in enumerate(photos):
         by_class.setdefault(p.label, {}).setdefault(groups[i], []).append(i)
     return [list(by_class[label].items()) for label in sorted(by_class)]
@@ -247,7 +248,8 @@ def grouped_split(photos, val_fraction, seed):
     """(train, val): per class, whole patients in seeded random order go to validation until it holds
     val_fraction of that class's photos."""
     rng, in_val, placed = random.Random(seed), [False] * len(photos), {}
-    by_class, groups = patients_by_class(photos), patient_groups(photos)
+    groups = patient_groups(photos)
+    by_class = patients_by_class(photos, groups)
     for order in by_class:
         rng.shuffle(order)
         target, taken = round(val_fraction * sum(len(idx) for _, idx in order)), 0

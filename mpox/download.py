@@ -1,6 +1,5 @@
 """The public MSLD photos: fetched, checked, extracted and laid out by patient."""
 
-import csv
 import hashlib
 import os
 import re
@@ -11,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .data import DATASET_URL, grouped_split, read_photos
+from .files import write_csv
 from .images import is_image_file
 from .patients import assign_patients, check_grouping, join_near_duplicates
 from .system import UserError, first_line
@@ -94,10 +94,7 @@ def layout_dataset(src, out, cfg, cache=''):
             rows.append({'path': rel.as_posix(), 'class': classes[p.label], 'split': name,
                          'patient': p.patient, 'sha256': p.sha})
     shutil.copyfile(test[0].path, out / 'test' / 'test.jpg')
-    with open(out / 'SPLIT.csv', 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / 'SPLIT.csv', list(rows[0]), [list(r.values()) for r in rows])
     (out / 'LICENSE.txt').write_text(
         'Monkeypox Skin Lesion Dataset (MSLD), original images.\n'
         f'Source: {DATASET_URL}\nLicense: CC BY-NC 4.0 (non-commercial use, with attribution).\n'

@@ -23,7 +23,7 @@ import torch
 from .data import connected
 from .files import safe_torch_load, torch_save
 from .images import load_rgb
-from .system import UserError
+from .system import UserError, gather, my_chunks
 
 SIDE = 256            # long side (pixels) keypoints are found at: larger photos are scaled down to it
 KEYPOINTS = 300       # ORB keypoints kept per photo
@@ -150,14 +150,16 @@ def keypoints(cv, grey):
 
 def signatures(photos, cache=None):
     """Signature of each photo (None: unreadable), from `cache` ({sha256: Signature}) where it has them, the
-    others computed and added to it: decoded one after another, their keypoints found in threads (OpenCV
-    releases the GIL)."""
+    others computed, a share on each rank under torchrun, gathered and added to it: decoded one after
+    another, their keypoints found in threads (OpenCV releases the GIL)."""
     cache = {} if cache is None else cache
     todo = list({p.sha: p.path for p in photos if p.sha not in cache}.items())
-    greys = [grey_photo(path) for _, path in todo]
+    mine = [todo[i] for chunk in my_chunks(len(todo), 16) for i in chunk]
+    greys = [grey_photo(path) for _, path in mine]
     with concurrent.futures.ThreadPoolExecutor(threads()) as pool:
-        for (sha, _), sig in zip(todo, pool.map(signature, greys)):
-            cache[sha] = sig
+        computed = dict(zip([sha for sha, _ in mine], pool.map(signature, greys)))
+    for part in gather(computed):
+        cache.update(part)
     return [cache[p.sha] for p in photos]
 
 
@@ -197,7 +199,7 @@ def candidates(queries, references=None):
         if same:
             np.fill_diagonal(sim[:, start:], -1)  # not itself
         for a, row in enumerate(np.argpartition(-sim, k - 1, axis=1)[:, :k], start):
-            pairs.update((min(a, b), max(a, b)) if same else (a, b) for b in row.tolist() if not same or b != a)
+            pairs.update((min(a, b), max(a, b)) if same else (a, b) for b in row.tolist())
     return sorted((qi[a], ri[b]) for a, b in pairs)
 
 
@@ -246,19 +248,19 @@ def correlation(cv, a, b, transform):
     return float((x * y).sum() / (np.sqrt((x * x).sum() * (y * y).sum()) + 1e-6))
 
 
-def confirmed(queries, references, pairs):
-    """The pairs (from candidates) that are copies: [(query index, reference index, keypoint matches,
-    correlation)] in their order, the correlation None where a checkpoint's signature has no thumbnail."""
-    with concurrent.futures.ThreadPoolExecutor(threads()) as pool:  # OpenCV releases the GIL
-        checked = pool.map(lambda pair: confirm(queries[pair[0]], references[pair[1]]), pairs)
-    return [(a, b, matches, corr if corr is None else round(corr, 4))
-            for (a, b), (matches, corr) in zip(pairs, checked) if is_copy(matches, corr)]
-
-
 def near_duplicates(queries, references=None):
     """Confirmed copies among `queries` (Signatures; None entries skipped), or of `references` among them:
-    [(query index, reference index, keypoint matches, correlation)], each pair once, in index order."""
-    return confirmed(queries, queries if references is None else references, candidates(queries, references))
+    [(query index, reference index, keypoint matches, correlation)], each pair once, in index order; the
+    correlation None where a checkpoint's signature has no thumbnail. The candidates are the same on every
+    rank under torchrun, and each rank confirms its share."""
+    pairs = candidates(queries, references)
+    mine = [pairs[i] for chunk in my_chunks(len(pairs), 64) for i in chunk]
+    others = queries if references is None else references
+    with concurrent.futures.ThreadPoolExecutor(threads()) as pool:  # OpenCV releases the GIL
+        checked = pool.map(lambda pair: confirm(queries[pair[0]], others[pair[1]]), mine)
+        found = [(a, b, matches, corr if corr is None else round(corr, 4))
+                 for (a, b), (matches, corr) in zip(mine, checked) if is_copy(matches, corr)]
+    return sorted(f for part in gather(found) for f in part)
 
 
 def is_copy(matches, corr):

@@ -1,6 +1,7 @@
 """Files written whole or not at all, content hashes, and loading torch files without running their code."""
 
 import contextlib
+import csv
 import functools
 import hashlib
 import io
@@ -105,6 +106,13 @@ def atomic_write(path, write):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def write_csv(path, header, rows):
+    """A CSV file of the `header` row and the `rows`, written whole or not at all (atomic_write)."""
+    text = io.StringIO()
+    csv.writer(text).writerows([header, *rows])
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def torch_save(obj, path):

@@ -6,10 +6,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 
-from .images import load_rgb, normalize
+from .images import normalize
 from .int8 import FakeQuant, int8_emulation
 from .model import backbone_stages, head_name, without_head
 from .precision import Backbone
+
+
+MAP_OPACITY = 0.45  # of the heat map drawn over the crop (predict --explain, serve's map)
 
 
 def grad_cam(model, pre, qparams=None):
@@ -21,7 +24,8 @@ def grad_cam(model, pre, qparams=None):
     pins it to a cell centre). A checkpoint trained on int8 features (`qparams`) is explained through its
     int8 network, emulated with gradients (int8_emulation): the fp32 network is not the one its head was
     trained on. How often the maximum falls where the class's evidence is: docs/evaluate-predict.md.
-    Returns explain(path, class index) -> (the centre crop the model saw, a [0, 1] map), the network built once."""
+    Returns explain(photo, class index) -> (the centre crop the model saw, a [0, 1] map), the network built
+    once; `photo` is the decoded image as scoring decodes it (load_rgb, drafted at the resize)."""
     stage, device = backbone_stages(model)[-1], next(model.parameters()).device
     if qparams:
         with without_head(model):
@@ -37,7 +41,7 @@ def grad_cam(model, pre, qparams=None):
         def run(x):
             return model(normalize(x, pre))
 
-    def explain(path, target):
+    def explain(photo, target):
         saved = {}
 
         def hook(_, __, out):  # the last call wins: a module called twice (ResNet's relu) ends with the stage
@@ -47,7 +51,7 @@ def grad_cam(model, pre, qparams=None):
             out.register_hook(lambda g: saved.__setitem__('grad', g))
             return out
 
-        crop = T.Compose([T.Resize(pre['resize']), T.CenterCrop(pre['image_size'])])(load_rgb(path))
+        crop = T.Compose([T.Resize(pre['resize']), T.CenterCrop(pre['image_size'])])(photo)
         x, flips = T.PILToTensor()(crop)[None], [(), (3,), (2,), (2, 3)]
         x = torch.cat([x.flip(dims) if dims else x for dims in flips]).to(device)
         handle = layer.register_forward_hook(hook)

@@ -2,17 +2,15 @@
 checked before any heavy work so that a split or a fold cannot be silently wrong."""
 import collections
 import csv
-import io
 import os
 import posixpath
 import re
 import time
 
 from .data import group_key, patient_groups, patient_of, patients_by_class
-from .duplicates import (candidates, confirmed, from_stored, joined_groups, load_signatures, save_signatures,
-                         signatures)
-from .files import atomic_write
-from .system import UserError, first_line, gather, is_main, my_chunks, say, warn
+from .duplicates import from_stored, joined_groups, load_signatures, near_duplicates, save_signatures, signatures
+from .files import write_csv
+from .system import UserError, first_line, is_main, say, warn
 
 SHARE_OF_ONE_PATIENT = 1 / 3  # a class whose largest "patient" holds more than this share of its photos,
 MOST_PHOTOS_OF_ONE_PATIENT = 5  # and more photos than this, was grouped by a rule that does not fit its names
@@ -150,9 +148,12 @@ def join_near_duplicates(photos, root, search, cache, csv_path, part_of=None):
         warn('--near-duplicates off: copies of a photo under other names are not looked for, and may land on both '
              'sides of a split, which flatters its results')
         return [], None
-    t0 = time.time()
-    sigs = shared_signatures(photos, cache)
-    pairs = shared_search(sigs)
+    t0, stored = time.time(), load_signatures(cache)
+    known = len(stored)
+    sigs = signatures(photos, stored)
+    if len(stored) > known and is_main():
+        save_signatures(cache, stored)
+    pairs = near_duplicates(sigs)
     before = len(set(patient_groups(photos)))
     for k, group in enumerate(joined_groups(len(photos), pairs)):
         for i in group:
@@ -163,28 +164,6 @@ def join_near_duplicates(photos, root, search, cache, csv_path, part_of=None):
         f'({csv_path})')
     report_copies(photos, pairs, root, csv_path, part_of)
     return pairs, sigs
-
-
-def shared_signatures(photos, cache):
-    """Each photo's Signature (duplicates.signatures), read from the feature cache folder `cache` where it
-    has them; the others computed a share on each rank (under torchrun) and gathered."""
-    stored = load_signatures(cache)
-    todo = list({p.sha: p for p in photos if p.sha not in stored}.values())
-    mine = [todo[i] for chunk in my_chunks(len(todo), 16) for i in chunk]
-    for part in gather(dict(zip([p.sha for p in mine], signatures(mine)))):
-        stored.update(part)
-    if todo and is_main():
-        save_signatures(cache, stored)
-    return [stored[p.sha] for p in photos]
-
-
-def shared_search(queries, references=None):
-    """duplicates.near_duplicates with its confirmations shared among the ranks (the candidates are the same
-    on every rank), gathered in order."""
-    pairs = candidates(queries, references)
-    mine = [pairs[i] for chunk in my_chunks(len(pairs), 64) for i in chunk]
-    return sorted(f for part in gather(confirmed(queries, queries if references is None else references, mine))
-                  for f in part)
 
 
 def report_copies(photos, pairs, root, csv_path, part_of):
@@ -214,7 +193,7 @@ def training_copies(stored, photos, root, out, checkpoint):
         say(f'note: {checkpoint} keeps no signatures of its training photos, so copies of them among these photos '
             'are not looked for')
         return None
-    pairs = shared_search(shared_signatures(photos, ''), [from_stored(d) for d in stored])
+    pairs = near_duplicates(signatures(photos), [from_stored(d) for d in stored])
     copied = sorted({q for q, *_ in pairs})
     csv_path = os.path.join(out, 'copies_of_training.csv')
     if copied:
@@ -244,14 +223,6 @@ def write_pairs(path, photos, pairs, notes, root):
     rows = [[os.path.relpath(photos[a].path, root), patient_of(photos[a]), os.path.relpath(photos[b].path, root),
              patient_of(photos[b]), matches, f'{corr:.3f}', note] for (a, b, matches, corr), note in zip(pairs, notes)]
     write_csv(path, ['path_a', 'patient_a', 'path_b', 'patient_b', 'matches', 'correlation', 'note'], rows)
-
-
-def write_csv(path, header, rows):
-    text = io.StringIO()
-    w = csv.writer(text)
-    w.writerows([header, *rows])
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def grouping(photos, spec):

@@ -90,14 +90,14 @@ def prepare(cfg, every_photo=False):
     for precision in precisions_to_try(cfg, spec, device, crops):
         shared = extractor.built_model() if extractor else None  # the pretrained network, loaded once
         extractor = Extractor(cfg, split.classes, spec, precision=precision, calibration=split.train, model=shared)
-        train_f, val_f = extract_features(cfg, extractor, split, every_photo, what)
+        train_f, val_f, centre = extract_features(cfg, extractor, split, every_photo, what)
         if precision == 'fp32':
             break
         checks.append(check_fidelity(cfg, extractor, train_f, positive))
         if gather(checks[-1]['faithful'])[0] or cfg.precision != 'auto':  # rank 0's verdict: every rank goes on alike
             break
         remember_unfaithful(cfg, extractor, checks[-1])
-    ood = None if every_photo else fit_detector(cfg, extractor, split)
+    ood = None if every_photo else fit_detector(cfg, centre)
     copies = signatures and {p.path: s for p, s in zip(every + test, signatures)}
     return Prepared(split, what, spec, positive, extractor, train_f, val_f, checks, ood, copies)
 
@@ -114,14 +114,13 @@ def test_photos(root, classes, memo):
         return []
 
 
-def fit_detector(cfg, extractor, split):
-    """The out-of-distribution detector of the training photos' centre crops (the view predict scores, which
-    extract_features computed with the training views), its threshold set on photos held out by patient. None
-    when there are too few patients for the inner folds."""
+def fit_detector(cfg, centre):
+    """The out-of-distribution detector of the training photos' centre crops (`centre`: the view predict
+    scores, which extract_features computed with the training views), its threshold set on photos held out
+    by patient. None with --unfreeze, or when there are too few patients for the inner folds."""
     if cfg.unfreeze:  # fine-tuning moves the features the detector would be fit on
         say('out of distribution: no detector with --unfreeze (fine-tuning changes the features it reads)')
         return None
-    centre, _ = extractor.features(split.train, [EVAL_VIEW])
     ood = fit_ood(centre.x[:, 0], inner_folds(centre.photos), cfg.ood_coverage)
     if ood is None:
         warn('too few patients to set the out-of-distribution threshold: predict will not warn of photos unlike '
@@ -134,14 +133,20 @@ def fit_detector(cfg, extractor, split):
 
 
 def extract_features(cfg, extractor, split, every_photo, what):
-    """The stored random views of the training photos and the evaluation view of the validation photos (cv:
-    of every photo), from the cache where it has them; unreadable photos are reported and dropped."""
+    """The stored random views of the training photos, the evaluation view of the validation photos (cv:
+    of every photo) and that of the training photos (the detector's; None with --unfreeze), from the cache
+    where it has them; unreadable photos are reported and dropped. A training photo is decoded once for all
+    its views."""
     t0 = time.time()
     views = [f'train{k}' for k in range(cfg.views)]
-    centre = [] if every_photo or cfg.unfreeze else [EVAL_VIEW]  # the detector's view, in the same decoding pass
+    centre = [] if cfg.unfreeze else [EVAL_VIEW]
     both, bad = extractor.features(split.train, views + centre)
     train_f = Features(both.photos, both.x[:, :cfg.views], both.y)
-    val_f, bad_val = extractor.features(train_f.photos if every_photo else split.val, [EVAL_VIEW])
+    centre_f = Features(both.photos, both.x[:, cfg.views:], both.y) if centre else None
+    if every_photo and centre_f:  # cv: every photo's evaluation view is its centre crop
+        val_f, bad_val = centre_f, []
+    else:
+        val_f, bad_val = extractor.features(train_f.photos if every_photo else split.val, [EVAL_VIEW])
     if bad + bad_val:
         report_skipped(bad + bad_val, listed_in='' if every_photo else 'the checkpoint (split.skipped)')
         drop_unreadable(split, bad + bad_val)
@@ -159,7 +164,7 @@ def extract_features(cfg, extractor, split, every_photo, what):
         cache = f' (cache {extractor.cache.dir})' if extractor.cache.dir else ''
         say(f'features: {len(split.train)}x{cfg.views} training views + {len(split.val)} validation photos in '
             f'{ex.precision}, {done}, {time.time() - t0:.1f}s{cache}')
-    return train_f, val_f
+    return train_f, val_f, centre_f
 
 
 def download_if_missing(cfg):
@@ -190,8 +195,8 @@ def download_if_missing(cfg):
 
 
 def report(cfg, result, m, labels, probs, out, title, print_text):
-    """The end of evaluate and cv: the result printed (or as one JSON object), then confusion.png and
-    roc.png of the metrics `m` on photos with true `labels` and probabilities `probs`, in `out`."""
+    """The end of evaluate and cv: the result printed (or as one JSON object), then confusion.png, roc.png
+    and calibration.png of the metrics `m` on photos with true `labels` and probabilities `probs`, in `out`."""
     if cfg.json:
         if is_main():
             print(json.dumps(json_ready(result)))

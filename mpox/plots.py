@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from .files import atomic_write
-from .gradcam import grad_cam
+from .gradcam import MAP_OPACITY, grad_cam
 from .images import load_rgb
 from .metrics import roc_auc, roc_curve
 from .precision import explained_qparams
@@ -47,15 +47,16 @@ def plot_predictions(results, loaded, cfg):
     explain = grad_cam(loaded.model, loaded.pre, explained_qparams(cfg, loaded)) if cfg.explain else None
     for k, r in enumerate(shown):
         ax = axes.flat[k * per]
-        ax.imshow(load_rgb(r['path']))
+        photo = load_rgb(r['path'], draft=loaded.pre['resize'])  # decoded as predict scored it
+        ax.imshow(photo)
         unlike = '\nwarning: unlike the training photos' if r.get('unlike_training') else ''
         ax.set_title(f'{r["label"]} ({r["probability"]:.0%})\n{os.path.basename(r["path"])}{unlike}', fontsize=10,
                      color='darkred' if unlike else 'black')
         if cfg.explain:
-            crop, heat = explain(r['path'], loaded.classes.index(r['label']))
+            crop, heat = explain(photo, loaded.classes.index(r['label']))
             ax = axes.flat[k * per + 1]
             ax.imshow(crop)
-            ax.imshow(heat, cmap='jet', alpha=0.45, extent=(-0.5, crop.shape[1] - 0.5, crop.shape[0] - 0.5, -0.5))
+            ax.imshow(heat, cmap='jet', alpha=MAP_OPACITY, extent=(-0.5, crop.shape[1] - 0.5, crop.shape[0] - 0.5, -0.5))
             ax.set_title(f'Grad-CAM: {r["label"]}\n(centre crop the model saw)', fontsize=10)
     fig.text(0.5, 0.0, 'monkeypox.py: a research tool, not a diagnosis', ha='center', fontsize=8)
     if window:

@@ -17,7 +17,7 @@ import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
 
-from .gradcam import grad_cam
+from .gradcam import MAP_OPACITY, grad_cam
 from .images import backbone_input, describe_image_error, eval_transform, load_rgb
 from .metrics import json_ready, operating_threshold
 from .pipeline import answer, scoring_function
@@ -27,7 +27,6 @@ from .system import NOT_A_DIAGNOSIS, UserError, first_line, say, warn
 
 STATIC = Path(__file__).parent / 'static'
 LOOPBACK = ('127.0.0.1', 'localhost', '::1')
-MAP_OPACITY = 0.45  # the heat map over the crop, as predict --explain draws it
 HEIF_BRANDS = (b'heic', b'heix', b'hevc', b'hevx', b'heim', b'heis', b'mif1', b'msf1')  # 'ftyp' brands of HEIC/HEIF
 VALIDATION = ('n', 'threshold', 'accuracy', 'balanced_accuracy', 'sensitivity', 'sensitivity_ci', 'specificity',
               'specificity_ci', 'auc', 'log_loss', 'brier', 'ece')  # the checkpoint's validation metrics shown
@@ -65,7 +64,7 @@ class Scorer:
             probs, score = (row[:-1], row[-1]) if self.loaded.ood is not None else (row, None)
             found = answer(name, probs, score, self.loaded, self.threshold, prevalence)
             if with_map:
-                crop, heat = self.explain(io.BytesIO(data), self.loaded.classes.index(found['label']))
+                crop, heat = self.explain(image, self.loaded.classes.index(found['label']))
                 found['map_png'] = overlay_png(crop, heat)
         return found
 

@@ -76,15 +76,17 @@ class Run:
         self.resume, self.history, self.best, self.best_written = resume, resume['history'], resume['best'], None
         self.head_fit = resume['head']
 
-    def probabilities(self, f, temperature=1.0):
-        """Class probabilities of the photos of `f` from their evaluation view: the head on the stored
-        features while the backbone is frozen, the whole model on the photos once it was fine-tuned.
-        (`temperature` multiplies the logits: the head's own temperature undoes its scaling.)"""
+    def probabilities(self, f):
+        """Class probabilities of the photos of `f` from their evaluation view, and the same before the
+        head's temperature scaling: the head on the stored features while the backbone is frozen, the whole
+        model on the photos once it was fine-tuned (one pass; its probabilities have no temperature)."""
         if self.cfg.unfreeze:
-            return photo_logits(self, f.photos).softmax(1).tolist()
+            probs = photo_logits(self, f.photos).softmax(1).tolist()
+            return probs, probs
         with torch.no_grad():
             logits = self.model.get_submodule(head_name(self.model))(f.x[:, 0].float())
-        return (logits * temperature).softmax(1).tolist()
+        # the head's weights carry 1/temperature: multiplying by it undoes the scaling
+        return logits.softmax(1).tolist(), (logits * self.head_fit['temperature']).softmax(1).tolist()
 
     def write_best(self, final=False):
         # the final write always happens: the checkpoint's history must be the whole run's, not the

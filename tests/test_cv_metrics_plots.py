@@ -12,6 +12,7 @@ import mpox.checkpoint
 import mpox.data
 import mpox.devices
 import mpox.gradcam
+import mpox.images
 import mpox.pipeline
 import mpox.precision
 from conftest import TINY, draw_photo, make_dataset
@@ -122,7 +123,7 @@ def test_grad_cam_puts_its_maximum_inside_the_red_disc_that_decides_the_class(tm
     hits, misses, explain = 0, [], mpox.gradcam.grad_cam(loaded.model, loaded.pre, mpox.precision.explained_qparams(cfg, loaded))
     for i, (path, (x, y, radius)) in enumerate(photos):
         predicted = int(np.argmax(probs[i]))  # the class predict --explain shows
-        crop, heat = explain(path, predicted)
+        crop, heat = explain(mpox.images.load_rgb(path, draft=loaded.pre['resize']), predicted)
         assert crop.shape[:2] == heat.shape == (224, 224) and heat.min() == 0 and heat.max() == pytest.approx(1)
         iy, ix = np.unravel_index(heat.argmax(), heat.shape)
         if math.hypot(ix - x, iy - y) <= radius:

@@ -51,7 +51,7 @@ def test_grouped_folds_keep_patients_together_and_cover_every_photo_once(msld):
             assert abs(in_fold - n / 5) <= 1, (label, k, in_fold)
 
 
-def test_grouped_folds_depend_on_the_seed_only(msld):
+def test_grouped_folds_are_fixed_by_the_seed(msld):
     _, photos = mpox.data.read_photos(str(msld))
     assert mpox.data.grouped_folds(photos, 5, 0) == mpox.data.grouped_folds(photos, 5, 0)
     assert mpox.data.grouped_folds(photos, 5, 0) != mpox.data.grouped_folds(photos, 5, 1)

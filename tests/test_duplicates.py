@@ -35,11 +35,6 @@ def distinct_patients(msld, per_class):
     return chosen
 
 
-def photos_in(root):
-    classes, photos = mpox.data.read_photos(str(root))
-    return classes, photos
-
-
 @pytest.fixture(scope='module')
 def copied(tmp_path_factory, msld):
     """12 MSLD photos of different patients and two strong copies of each, under random names."""
@@ -50,7 +45,7 @@ def copied(tmp_path_factory, msld):
 
 def test_strong_copies_join_their_original_and_different_patients_stay_apart(copied):
     root, original_of = copied
-    _, photos = photos_in(root)
+    _, photos = mpox.data.read_photos(str(root))
     pairs = mpox.duplicates.near_duplicates(mpox.duplicates.signatures(photos))
     names = [str(p.path)[len(str(root)) + 1:] for p in photos]
     group_of = {}
@@ -63,7 +58,7 @@ def test_strong_copies_join_their_original_and_different_patients_stay_apart(cop
 
 def test_signatures_round_trip_through_a_checkpoint_and_find_the_same_copies(copied):
     root, original_of = copied
-    _, photos = photos_in(root)
+    _, photos = mpox.data.read_photos(str(root))
     sigs = mpox.duplicates.signatures(photos)
     names = [str(p.path)[len(str(root)) + 1:] for p in photos]
     originals = [i for i, n in enumerate(names) if n not in original_of]
@@ -76,7 +71,7 @@ def test_signatures_round_trip_through_a_checkpoint_and_find_the_same_copies(cop
 
 def test_off_warns_and_joins_nothing(copied, capsys):
     root, _ = copied
-    _, photos = photos_in(root)
+    _, photos = mpox.data.read_photos(str(root))
     assert mpox.patients.join_near_duplicates(photos, str(root), 'off', '', str(root / 'x.csv')) == ([], None)
     assert '--near-duplicates off' in capsys.readouterr().err and all(p.copies is None for p in photos)
 

@@ -54,7 +54,7 @@ def test_auto_falls_back_from_an_int8_that_moves_the_heads_answers_and_remembers
 
 
 @pytest.mark.slow
-def test_an_arithmetic_that_reproduces_fp32_is_kept_and_one_that_does_not_is_reported(tmp_path):
+def test_bf16_that_reproduces_fp32_is_kept_and_an_int8_that_does_not_is_rejected(tmp_path):
     """bf16 keeps 8 bits of mantissa and moves this head's answers little; int8 on random weights moves them more
     (check_fidelity on the same photos, network and head)."""
     data = make_dataset(tmp_path / 'd', per_class=12)

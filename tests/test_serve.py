@@ -16,7 +16,6 @@ import time
 import zlib
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 
@@ -24,6 +23,7 @@ from conftest import REPO, SCRIPT, script_env
 from mpox.onnxfile import OOD_PARITY
 
 pytestmark = pytest.mark.slow
+httpx = pytest.importorskip('httpx', reason='the serve tests send requests with httpx (pip install httpx; .ci/run does)')
 LIMIT_MB = 1.5  # the server's --max-upload-mb: above python-multipart's 1 MiB in memory, so a part could spill
 
 
